@@ -1,0 +1,3 @@
+from .cli.run import entry_point
+
+entry_point()

@@ -1,0 +1,79 @@
+"""``bidsenc-demo DIR``: generate the demo dataset and run bidsenc on it.
+
+Writes ``DIR/ds`` (BIDS), ``DIR/truth.json``, tiny local models in ``DIR/models``
+and the outputs in ``DIR/out``, then compares what bidsenc found with the truth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bidsenc-demo", description=__doc__.splitlines()[0])
+    parser.add_argument("directory", type=Path, nargs="?", default=Path("bidsenc-demo"),
+                        help="where to write the demo (default: ./bidsenc-demo)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the simulation")
+    parser.add_argument("--regenerate", action="store_true", help="rebuild the dataset even if it exists")
+    return parser
+
+
+def compare_with_truth(truth: dict, logs_dir: Path) -> list[str]:
+    """Differences between discovered experiments and the generator's truth (empty when equal)."""
+    problems = []
+    for label, subject in truth["subjects"].items():
+        path = logs_dir / f"experiment-sub-{label}.json"
+        if not path.is_file():
+            problems.append(f"sub-{label}: {path.name} missing")
+            continue
+        found = json.loads(path.read_text())
+        runs = {r["name"]: r for r in found["runs"]}
+        if sorted(runs) != sorted(r["name"] for r in subject["runs"]):
+            problems.append(f"sub-{label}: runs differ")
+        for expected in subject["runs"]:
+            got = runs.get(expected["name"])
+            if got and (got["n_volumes"] != expected["n_volumes"] or got["segments"] != expected["segments"]):
+                problems.append(f"{expected['name']}: volumes or segments differ")
+        if found["repeats"] != subject["repeats"]:
+            problems.append(f"sub-{label}: repeats {found['repeats']} != {subject['repeats']}")
+        if sorted(s["name"] for s in found["skipped"]) != sorted(subject["skipped"]):
+            problems.append(f"sub-{label}: skipped runs differ")
+        for sid, story in truth["stories"].items():
+            if found["stories"].get(sid, {}).get("n_words") != story["n_words"]:
+                problems.append(f"sub-{label}: story {sid} word count differs")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..synth import make_demo
+    from .run import main as bidsenc_main
+
+    args = build_parser().parse_args(argv)
+    directory = args.directory.absolute()
+    truth_path = directory / "truth.json"
+    if args.regenerate or not truth_path.is_file() or not (directory / "bidsenc.toml").is_file():
+        t0 = time.perf_counter()
+        print(f"bidsenc-demo: generating the demo dataset in {directory / 'ds'} ...", flush=True)
+        make_demo(directory, seed=args.seed)
+        print(f"bidsenc-demo: dataset, ground truth and tiny models written in {time.perf_counter() - t0:.0f} s")
+    truth = json.loads(truth_path.read_text())
+    code = bidsenc_main([str(directory / "ds"), str(directory / "out"), "participant",
+                         "--config-file", str(directory / "bidsenc.toml")])
+    if code != 0:
+        return code
+    problems = compare_with_truth(truth, directory / "out" / "logs")
+    for problem in problems:
+        print(f"bidsenc-demo: MISMATCH {problem}", file=sys.stderr)
+    n_runs = sum(len(s["runs"]) for s in truth["subjects"].values())
+    print(f"bidsenc-demo: discovery of {len(truth['subjects'])} participants, {n_runs} story runs and "
+          f"{len(truth['stories'])} stories " + ("matches truth.json" if not problems else "DIFFERS from truth.json"))
+    print(f"bidsenc-demo: outputs in {directory / 'out'}")
+    return 1 if problems else 0
+
+
+def entry_point() -> None:
+    sys.exit(main())

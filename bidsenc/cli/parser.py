@@ -1,0 +1,86 @@
+"""The command-line parser, built without side effects.
+
+:func:`build_parser` only describes the options, so argparse-manpage and the
+Boutiques descriptor can be generated from it. Options the user did not give
+are absent from the parsed namespace (``argparse.SUPPRESS``), which is how the
+config file's values survive unless the command line overrides them.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .. import __version__
+from ..config import ANALYSIS_LEVELS, DEVICES
+from ..errors import UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse exits 2 on usage errors; BIDS Apps reserve 64 for that."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see bidsenc --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the ``bidsenc`` argument parser."""
+    S = argparse.SUPPRESS
+    parser = _Parser(
+        prog="bidsenc",
+        description="Voxelwise encoding models of story-listening fMRI from language and "
+        "speech model features (a BIDS App).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=S,
+    )
+    parser.add_argument("bids_dir", type=Path, help="the root folder of a BIDS dataset")
+    parser.add_argument("output_dir", type=Path, help="where the BIDS-Derivatives outputs go")
+    parser.add_argument(
+        "analysis_level",
+        help=f"'participant' fits each participant; 'group' summarises their outputs ({', '.join(ANALYSIS_LEVELS)})",
+    )
+    parser.add_argument("--version", action="version", version=f"bidsenc {__version__}")
+
+    g = parser.add_argument_group("selecting data")
+    g.add_argument(
+        "--participant-label", "--participant_label", dest="participant_label", nargs="+",
+        metavar="LABEL", help="participants to analyse, with or without 'sub-', or a file listing them "
+        "(default: all)",
+    )
+    g.add_argument("--session-label", "--session_label", dest="session_label", nargs="+", metavar="LABEL",
+                   help="sessions to use (default: all)")
+    g.add_argument("-t", "--task", nargs="+", metavar="LABEL", help="tasks to use (default: all story tasks)")
+    g.add_argument("--bids-filter-file", type=Path, metavar="FILE",
+                   help="JSON of PyBIDS queries, e.g. {\"bold\": {\"session\": \"1\"}}")
+    g.add_argument("-d", "--derivatives", nargs="+", metavar="NAME=PATH",
+                   help="preprocessed data, e.g. fmriprep=/data/derivatives/fmriprep "
+                   "(default: bids_dir/derivatives/fmriprep when present)")
+    g.add_argument("--space", metavar="SPACE",
+                   help="output space of fMRIPrep data to use when several exist (e.g. MNI152NLin2009cAsym, fsaverage6)")
+    g.add_argument("--stimuli-dir", type=Path, metavar="DIR",
+                   help="folder holding the stimuli (default: bids_dir/stimuli)")
+    g.add_argument("--word-timing", dest="word_timings", nargs="+", metavar="STIM=FILE",
+                   help="explicit word timing file for a stimulus (its stim_file or story id)")
+    g.add_argument("--skip-bids-validation", "--skip_bids_validation", dest="skip_bids_validation",
+                   action="store_true", help="do not run the BIDS validator on bids_dir")
+
+    g = parser.add_argument_group("features")
+    g.add_argument("--feature", dest="features", action="append", metavar="SPEC",
+                   help="a feature space KIND:MODEL[:KEY=VALUE...], repeatable, e.g. "
+                   "lm:facebook/opt-125m:layers=all (default: a small OPT and a small Whisper)")
+    g.add_argument("--feature-cache", type=Path, metavar="DIR",
+                   help="feature cache shared across jobs (default: <work-dir>/feature-cache)")
+    g.add_argument("--allow-download", action="store_true",
+                   help="let models be downloaded from the Hugging Face hub (off: local files only)")
+
+    g = parser.add_argument_group("execution")
+    g.add_argument("-w", "--work-dir", type=Path, metavar="DIR", help="scratch folder (default: ./work)")
+    g.add_argument("--config-file", type=Path, metavar="FILE",
+                   help="TOML settings ([inputs], [execution], [[features]]); the command line wins")
+    g.add_argument("--nprocs", "--n-cpus", dest="nprocs", type=int, metavar="N", help="CPU processes to use")
+    g.add_argument("--omp-nthreads", type=int, metavar="N", help="threads per process")
+    g.add_argument("--mem", "--mem-gb", dest="mem", metavar="SIZE", help="memory limit, e.g. 16GB")
+    g.add_argument("--device", choices=DEVICES, help="compute device (default: auto)")
+    g.add_argument("--random-seed", type=int, metavar="N", help="seed for every random choice (default: 0)")
+    g.add_argument("-v", "--verbose", action="count", help="more log output (repeatable)")
+    return parser

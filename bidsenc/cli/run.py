@@ -1,0 +1,165 @@
+"""``bidsenc bids_dir output_dir {participant,group}``: parse, configure, dispatch.
+
+Errors the user can fix end with one line and their exit code (see
+:mod:`bidsenc.errors`); anything else writes a crash file under ``logs/`` and
+exits 1.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from .. import __version__
+from .._io import atomic_write_text
+from ..config import FeatureSpec, RunConfig, build_config, parse_key_path
+from ..errors import BidsencError, IOFailure, OutputError, UsageError
+from .parser import build_parser
+
+log = logging.getLogger("bidsenc")
+
+_IO_ERRNOS = {errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+_SECTIONS = {
+    "execution": {"work_dir", "feature_cache", "nprocs", "omp_nthreads", "device", "random_seed", "verbose",
+                  "allow_download"},
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run bidsenc; return the exit code."""
+    logs_dir = None
+    try:
+        cfg = configure(argv)
+        logs_dir, run_id = _prepare_outputs(cfg)
+        _setup_logging(cfg, logs_dir / run_id / "bidsenc.log")
+        log.info("bidsenc %s, run %s", __version__, run_id)
+        atomic_write_text(logs_dir / run_id / "config.toml", cfg.to_toml())
+        _run(cfg, logs_dir)
+        return 0
+    except BidsencError as err:
+        return _fail(err)
+    except OSError as err:
+        if err.errno in _IO_ERRNOS:
+            return _fail(IOFailure(f"I/O error on {err.filename or 'a file'}: {err.strerror}; "
+                                   "check free space and quotas, then rerun"))
+        return _crash(logs_dir)
+    except KeyboardInterrupt:
+        print("bidsenc: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        return _crash(logs_dir)
+
+
+def configure(argv: list[str] | None) -> RunConfig:
+    """Parse ``argv`` and build the run's configuration (no side effects)."""
+    ns = vars(build_parser().parse_args(argv))
+    config_file = ns.pop("config_file", None)
+    cli: dict = {"inputs": {}, "execution": {}}
+    if "mem" in ns:
+        cli["execution"]["mem_gb"] = ns.pop("mem")
+    if "features" in ns:
+        cli["features"] = [FeatureSpec.parse(s) for s in ns.pop("features")]
+    if "derivatives" in ns:
+        ns["derivatives"] = parse_key_path(ns["derivatives"], "--derivatives")
+    if "word_timings" in ns:
+        ns["word_timings"] = parse_key_path(ns["word_timings"], "--word-timing")
+    if "bids_filter_file" in ns:
+        ns["bids_filters"] = _read_filter_file(ns.pop("bids_filter_file"))
+    for key, value in ns.items():
+        section = "execution" if key in _SECTIONS["execution"] else "inputs"
+        cli[section][key] = value
+    return build_config(cli, config_file)
+
+
+def _read_filter_file(path: Path) -> dict:
+    try:
+        filters = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UsageError(f"--bids-filter-file {path} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise UsageError(f"--bids-filter-file {path} is not valid JSON: {err}") from None
+    if not isinstance(filters, dict) or not all(isinstance(v, dict) for v in filters.values()):
+        raise UsageError(f"--bids-filter-file {path}: expected {{\"bold\": {{\"session\": \"1\", ...}}}}")
+    return filters
+
+
+def _prepare_outputs(cfg: RunConfig) -> tuple[Path, str]:
+    logs_dir = cfg.inputs.output_dir / "logs"
+    run_id = time.strftime("%Y%m%d-%H%M%S") + f"_{os.getpid()}"
+    try:
+        (logs_dir / run_id).mkdir(parents=True, exist_ok=True)
+        cfg.execution.work_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"cannot create {err.filename}: {err.strerror}; choose an output_dir and "
+                          "work dir you can write to") from None
+    return logs_dir, run_id
+
+
+def _setup_logging(cfg: RunConfig, logfile: Path) -> None:
+    level = logging.DEBUG if cfg.execution.verbose else logging.INFO
+    fmt = logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s: %(message)s", "%H:%M:%S"))
+    to_file = logging.FileHandler(logfile)
+    to_file.setFormatter(fmt)
+    root = logging.getLogger("bidsenc")
+    for old in root.handlers:
+        old.close()
+    root.handlers[:] = [console, to_file]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def _run(cfg: RunConfig, logs_dir: Path) -> None:
+    from .. import workflow
+    from ..bids.discover import open_dataset, select_participants
+    from ..bids.validate import validate_bids
+
+    if cfg.inputs.analysis_level == "group":
+        workflow.group(cfg)
+        return
+    if not cfg.inputs.skip_bids_validation:
+        validate_bids(cfg.inputs.bids_dir)
+    dataset = open_dataset(cfg)
+    for label in select_participants(dataset, cfg):
+        workflow.participant(cfg, dataset, label, logs_dir)
+
+
+def _fail(err: BidsencError) -> int:
+    if logging.getLogger("bidsenc").handlers:
+        log.error(err.message)
+    else:
+        print(f"bidsenc: error: {err.message}", file=sys.stderr)
+    return err.exit_code
+
+
+def _crash(logs_dir: Path | None) -> int:
+    text = traceback.format_exc()
+    target = None
+    for folder in (logs_dir, Path.cwd()):
+        if folder is None:
+            continue
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            target = folder / f"crash-{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}.txt"
+            target.write_text(f"bidsenc {__version__}\n{' '.join(sys.argv)}\n\n{text}")
+            break
+        except OSError:
+            target = None
+    where = str(target) if target else "(could not be written)"
+    msg = f"internal error: {text.strip().splitlines()[-1]}; details in {where} (please report it)"
+    if logging.getLogger("bidsenc").handlers:
+        log.error(msg)
+    else:
+        print(f"bidsenc: error: {msg}", file=sys.stderr)
+    return 1
+
+
+def entry_point() -> None:
+    sys.exit(main())

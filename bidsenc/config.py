@@ -1,0 +1,298 @@
+"""The run's settings: one typed object, built from defaults, a TOML file and the CLI.
+
+Precedence is defaults < ``--config-file`` < command line. The resolved object is
+written to ``output_dir/logs/config.toml`` in the same layout that
+``--config-file`` reads, so a run can be repeated from its own record.
+No other module reads argv or environment variables for run parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import tomli_w
+
+from .errors import UsageError
+
+ANALYSIS_LEVELS = ("participant", "group")
+DEVICES = ("auto", "cpu", "cuda")
+FEATURE_KINDS = ("lm", "audio")
+DEFAULT_FEATURES = ("lm:facebook/opt-125m", "audio:openai/whisper-tiny")
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """One feature space: a model and how to extract its features.
+
+    ``kind`` is ``"lm"`` (text, needs word timings) or ``"audio"`` (needs audio).
+    ``options`` holds extraction settings (layers, dtype, batch size, context).
+    """
+
+    kind: str
+    model: str
+    options: dict = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, spec: str) -> FeatureSpec:
+        """Parse ``KIND:MODEL[:KEY=VALUE...]``, e.g. ``lm:facebook/opt-125m:layers=all``."""
+        kind, _, rest = spec.partition(":")
+        parts = rest.split(":")
+        model, opts = parts[0], parts[1:]
+        if kind not in FEATURE_KINDS or not model:
+            raise UsageError(
+                f"--feature {spec!r}: expected KIND:MODEL[:KEY=VALUE...] with KIND one of "
+                f"{', '.join(FEATURE_KINDS)}, e.g. lm:facebook/opt-125m:layers=all"
+            )
+        options = {}
+        for opt in opts:
+            key, eq, value = opt.partition("=")
+            if not eq or not key:
+                raise UsageError(f"--feature {spec!r}: option {opt!r} is not KEY=VALUE")
+            options[key] = value
+        return cls(kind, model, options)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FeatureSpec:
+        d = dict(d)
+        try:
+            kind, model = d.pop("kind"), d.pop("model")
+        except KeyError as err:
+            raise UsageError(f"config [[features]] entry {d!r} lacks {err.args[0]!r}") from None
+        if kind not in FEATURE_KINDS:
+            raise UsageError(f"config [[features]] kind {kind!r} is not one of {', '.join(FEATURE_KINDS)}")
+        return cls(kind, str(model), d)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "model": self.model, **self.options}
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """What to read."""
+
+    bids_dir: Path
+    output_dir: Path
+    analysis_level: str
+    participant_label: tuple[str, ...] = ()
+    session_label: tuple[str, ...] = ()
+    task: tuple[str, ...] = ()
+    bids_filters: dict = field(default_factory=dict)
+    derivatives: dict = field(default_factory=dict)
+    space: str | None = None
+    stimuli_dir: Path | None = None
+    word_timings: dict = field(default_factory=dict)
+    skip_bids_validation: bool = False
+
+
+@dataclass(frozen=True)
+class ExecutionConfig:
+    """How and where to compute."""
+
+    work_dir: Path = Path("work")
+    feature_cache: Path | None = None
+    nprocs: int | None = None
+    omp_nthreads: int | None = None
+    mem_gb: float | None = None
+    device: str = "auto"
+    random_seed: int = 0
+    verbose: int = 0
+    allow_download: bool = False
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every parameter of a run."""
+
+    inputs: InputConfig
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+    features: tuple[FeatureSpec, ...] = tuple(FeatureSpec.parse(s) for s in DEFAULT_FEATURES)
+
+    @property
+    def needs_words(self) -> bool:
+        return any(f.kind == "lm" for f in self.features)
+
+    @property
+    def needs_audio(self) -> bool:
+        return any(f.kind == "audio" for f in self.features)
+
+    @property
+    def feature_cache(self) -> Path:
+        return self.execution.feature_cache or self.execution.work_dir / "feature-cache"
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(_plain(
+            {
+                "inputs": asdict(self.inputs),
+                "execution": asdict(self.execution),
+                "features": [f.to_dict() for f in self.features],
+            }
+        ))
+
+
+# --------------------------------------------------------------------------- building
+
+_PATH_KEYS = {"bids_dir", "output_dir", "stimuli_dir", "work_dir", "feature_cache"}
+
+
+def build_config(cli: dict, config_file: Path | None = None) -> RunConfig:
+    """Merge defaults, a TOML file and command-line values into a validated RunConfig.
+
+    Parameters
+    ----------
+    cli : dict
+        ``{section: {key: value}}`` of the options given on the command line only.
+    config_file : Path, optional
+        A TOML file with ``[inputs]``, ``[execution]`` and ``[[features]]``.
+    """
+    merged: dict = {"inputs": {}, "execution": {}}
+    features = None
+    if config_file is not None:
+        file_values = read_toml(config_file)
+        unknown = set(file_values) - {"inputs", "execution", "features"}
+        if unknown:
+            raise UsageError(
+                f"{config_file}: unknown section(s) {', '.join(sorted(unknown))}; "
+                "expected [inputs], [execution] and [[features]]"
+            )
+        for section in ("inputs", "execution"):
+            merged[section].update(file_values.get(section, {}))
+        if "features" in file_values:
+            features = tuple(FeatureSpec.from_dict(d) for d in file_values["features"])
+    for section in ("inputs", "execution"):
+        merged[section].update(cli.get(section, {}))
+    if cli.get("features"):
+        features = tuple(cli["features"])
+
+    inputs = _make(InputConfig, merged["inputs"], "inputs")
+    execution = _make(ExecutionConfig, merged["execution"], "execution")
+    cfg = RunConfig(inputs, execution) if features is None else RunConfig(inputs, execution, features)
+    _validate(cfg)
+    return cfg
+
+
+def read_toml(path: Path) -> dict:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise UsageError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as err:
+        raise UsageError(f"config file {path} is not valid TOML: {err}") from None
+
+
+def parse_participant_labels(values) -> tuple[str, ...]:
+    """Labels with or without ``sub-``; a value naming an existing file is read as a list of labels."""
+    labels: list[str] = []
+    for value in values:
+        path = Path(value)
+        if path.is_file():
+            labels.extend(path.read_text().split())
+        else:
+            labels.append(value)
+    return tuple(dict.fromkeys(lab.strip().removeprefix("sub-") for lab in labels if lab.strip()))
+
+
+def parse_mem_gb(value: str | float | int | None) -> float | None:
+    """``16GB``, ``16G``, ``16000MB``, ``500``(MB, as fMRIPrep reads a bare number)."""
+    if value is None or isinstance(value, int | float):
+        return None if value is None else float(value)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", value.lower())
+    if not m:
+        raise UsageError(f"--mem {value!r}: expected a size such as 16GB or 8000MB")
+    scale = {"k": 1e-6, "m": 1e-3, "": 1e-3, "g": 1.0, "t": 1e3}[m.group(2)]
+    return float(m.group(1)) * scale
+
+
+def parse_key_path(values, option: str) -> dict:
+    """``NAME=PATH`` pairs (``-d fmriprep=/path``, ``--word-timing STIM=FILE``)."""
+    out = {}
+    for value in values:
+        name, eq, path = value.partition("=")
+        if not eq or not name or not path:
+            raise UsageError(f"{option} {value!r}: expected NAME=PATH")
+        out[name] = path
+    return out
+
+
+def _make(cls, values: dict, section: str):
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(values) - set(known)
+    if unknown:
+        raise UsageError(
+            f"unknown [{section}] setting(s): {', '.join(sorted(unknown))}; "
+            f"known: {', '.join(sorted(known))}"
+        )
+    kwargs = {}
+    for key, value in values.items():
+        if key in _PATH_KEYS and value is not None:
+            value = Path(value).expanduser().absolute()
+        elif key in ("participant_label",):
+            value = parse_participant_labels([value] if isinstance(value, str) else value)
+        elif key in ("session_label", "task"):
+            value = tuple([value] if isinstance(value, str) else value)
+        elif key == "mem_gb":
+            value = parse_mem_gb(value)
+        elif key in ("derivatives", "word_timings"):
+            value = {k: str(Path(v).expanduser().absolute()) for k, v in dict(value).items()}
+        kwargs[key] = value
+    missing = [f.name for f in known.values() if f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING and f.name not in kwargs]
+    if missing:
+        raise UsageError(f"missing required setting(s): {', '.join(missing)}")
+    return cls(**kwargs)
+
+
+def _validate(cfg: RunConfig) -> None:
+    inp, exe = cfg.inputs, cfg.execution
+    if inp.analysis_level not in ANALYSIS_LEVELS:
+        from .errors import AnalysisLevelError
+
+        raise AnalysisLevelError(
+            f"unknown analysis level {inp.analysis_level!r}; choose one of {', '.join(ANALYSIS_LEVELS)}"
+        )
+    if exe.device not in DEVICES:
+        raise UsageError(f"--device {exe.device!r}: choose one of {', '.join(DEVICES)}")
+    for key in ("nprocs", "omp_nthreads"):
+        value = getattr(exe, key)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise UsageError(f"--{key} must be a positive integer, got {value!r}")
+    if not isinstance(exe.random_seed, int):
+        raise UsageError(f"--random-seed must be an integer, got {exe.random_seed!r}")
+    if not inp.bids_dir.is_dir():
+        raise UsageError(f"bids_dir {inp.bids_dir} does not exist or is not a folder")
+    bids = inp.bids_dir.resolve()
+    out = inp.output_dir.resolve()
+    if out == bids:
+        raise UsageError(
+            "output_dir is the same folder as bids_dir; write outputs elsewhere, "
+            "e.g. <bids_dir>/derivatives/bidsenc"
+        )
+    if out.is_relative_to(bids) and not out.is_relative_to(bids / "derivatives"):
+        raise UsageError(
+            f"output_dir {inp.output_dir} is inside bids_dir's raw data; use "
+            f"{bids / 'derivatives' / 'bidsenc'} or a folder outside bids_dir"
+        )
+    if exe.work_dir.resolve().is_relative_to(bids):
+        raise UsageError(f"work dir {exe.work_dir} is inside bids_dir; put it outside the dataset")
+    if inp.stimuli_dir is not None and not inp.stimuli_dir.is_dir():
+        raise UsageError(f"--stimuli-dir {inp.stimuli_dir} does not exist or is not a folder")
+    for name, path in inp.derivatives.items():
+        if not Path(path).is_dir():
+            raise UsageError(f"--derivatives {name}={path}: folder does not exist")
+    if not cfg.features:
+        raise UsageError("no feature spaces configured; give at least one --feature")
+
+
+def _plain(obj):
+    """Make a structure TOML-serialisable: paths to str, tuples to lists, drop None."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items() if v is not None}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
