@@ -94,6 +94,7 @@ class ExecutionConfig:
 
     work_dir: Path = Path("work")
     feature_cache: Path | None = None
+    bids_database_dir: Path | None = None
     nprocs: int | None = None
     omp_nthreads: int | None = None
     mem_gb: float | None = None
@@ -135,7 +136,7 @@ class RunConfig:
 
 # --------------------------------------------------------------------------- building
 
-_PATH_KEYS = {"bids_dir", "output_dir", "stimuli_dir", "work_dir", "feature_cache"}
+_PATH_KEYS = {"bids_dir", "output_dir", "stimuli_dir", "work_dir", "feature_cache", "bids_database_dir"}
 
 
 def build_config(cli: dict, config_file: Path | None = None) -> RunConfig:

@@ -276,3 +276,19 @@ def test_exit_74_io_error(small, monkeypatch, capsys):
     assert code == 74
     _assert_one_line_error(capsys.readouterr().err, "No space left on device", "experiment-sub-01.json")
     assert not (out / "logs" / "experiment-sub-01.json").exists()
+
+
+def test_exit_75_cuda_asked_but_absent(small):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible here; this checks the message where there is none")
+    code, _, err = _run(small, "--device", "cuda")
+    assert code == 75
+    _assert_one_line_error(err, "--device cuda", "--gpus all", "--device cpu")
+
+
+def test_device_is_logged(small):
+    ds, out, _ = small
+    code, _, err = _run(small, "--device", "cpu")
+    assert code == 0 and "device: CPU" in err

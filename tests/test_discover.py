@@ -177,3 +177,63 @@ def test_malformed_events(tmp_path):
     events.write_text("start\tstim_file\n3\tstory.wav\n")
     with pytest.raises(DataError, match="lacks the required column.*onset"):
         _experiment(tmp_path / "ds", tmp_path, "01", "--feature", "lm:m")
+
+
+# --------------------------------------------------------------------------- stories by content
+
+def test_word_rows_in_events_define_stories(tmp_path):
+    """Without stim_file, the word rows of events.tsv are the story; same words = a repeat."""
+    from builders import make_raw
+
+    ds = tmp_path / "ds"
+    make_raw(ds)
+    func = ds / "sub-01" / "func"
+    for f in func.iterdir():
+        f.unlink()
+    from builders import tiny_bold
+
+    rows = "onset\tduration\ttrial_type\tword\n5.0\t0.4\tword\thello\n5.5\t0.3\tword\tworld\n"
+    for run in (1, 2):
+        tiny_bold(func / f"sub-01_task-story_run-{run}_bold.nii.gz", 20, 1.5)
+        (func / f"sub-01_task-story_run-{run}_events.tsv").write_text(rows)
+    tiny_bold(func / "sub-01_task-other_bold.nii.gz", 20, 1.5)
+    (ds / "task-other_bold.json").write_text('{"TaskName": "other", "RepetitionTime": 1.5}')
+    (func / "sub-01_task-other_events.tsv").write_text(rows.replace("world", "there"))
+    _, exp = _experiment(ds, tmp_path, "01", "--feature", "lm:m")
+    assert exp.presentations() == {"task-story": 2, "task-other": 1}
+    words = exp.stories["task-story"].words
+    assert list(words.words) == ["hello", "world"] and list(words.onsets) == [5.0, 5.5]
+    assert all(seg.onset == 0.0 for run in exp.runs for seg in run.segments)
+
+
+def test_word_rows_with_stim_file_are_made_relative_to_the_audio(tmp_path):
+    from builders import make_raw
+
+    ds = tmp_path / "ds"
+    make_raw(ds)
+    (ds / "stimuli" / "story.tsv").unlink()
+    (ds / "sub-01" / "func" / "sub-01_task-story_events.tsv").write_text(
+        "onset\tduration\ttrial_type\tstim_file\tword\n3.0\t30\tstory\tstory.wav\tn/a\n"
+        "4.0\t0.4\tword\tn/a\thello\n4.5\t0.4\tword\tn/a\tworld\n")
+    _, exp = _experiment(ds, tmp_path, "01", "--feature", "lm:m")
+    assert exp.runs[0].segments[0].onset == 3.0
+    assert list(exp.stories["story"].words.onsets) == [1.0, 1.5]
+
+
+def test_same_content_under_another_name_is_a_repeat(tmp_path):
+    from builders import make_raw
+
+    ds = tmp_path / "ds"
+    make_raw(ds)
+    func = ds / "sub-01" / "func"
+    import shutil
+
+    shutil.copy(ds / "stimuli" / "story.wav", ds / "stimuli" / "story_copy.wav")
+    shutil.copy(ds / "stimuli" / "story.tsv", ds / "stimuli" / "story_copy.tsv")
+    shutil.copy(func / "sub-01_task-story_bold.nii.gz", func / "sub-01_task-story_run-2_bold.nii.gz")
+    (func / "sub-01_task-story_run-2_events.tsv").write_text(
+        "onset\tduration\tstim_file\n2.0\t30\tstory_copy.wav\n")
+    _, exp = _experiment(ds, tmp_path, "01")
+    assert exp.repeated_stories == ["story"]
+    assert [seg.onset for run in exp.runs for seg in run.segments] == [3.0, 2.0]
+    assert any("same audio and words" in note for note in exp.notes)

@@ -86,8 +86,10 @@ def open_dataset(cfg: RunConfig) -> Dataset:
 
     kind, fmriprep_dir = detect_layout(cfg)
     try:
+        database = cfg.execution.bids_database_dir
         raw = BIDSLayout(cfg.inputs.bids_dir, validate=False,
-                         indexer=BIDSLayoutIndexer(validate=False, ignore=_IGNORE))
+                         indexer=BIDSLayoutIndexer(validate=False, ignore=_IGNORE),
+                         database_path=database, reset_database=False)
         fmriprep = None
         if fmriprep_dir is not None:
             fmriprep = BIDSLayout(fmriprep_dir, validate=False, is_derivative=True,
@@ -458,14 +460,21 @@ def _make_story(story_id: str, audio: Path | None, words: WordTimings | None) ->
 
 
 def _register(exp: Experiment, story: Story) -> str:
-    """Add a story; a different content under a known id gets its own id."""
-    known = exp.stories.get(story.id)
-    if known is None or known.content_hash == story.content_hash:
-        exp.stories.setdefault(story.id, story)
-        return story.id
-    new_id = f"{story.id}-{story.content_hash[:8]}"
-    exp.stories.setdefault(new_id, replace(story, id=new_id))
-    return new_id
+    """Add a story and return its id.
+
+    The same content under another name (a copied wav with the same words) is the
+    same story, so that its presentations count as repeats; different content under
+    a known name gets an id of its own.
+    """
+    for known in exp.stories.values():
+        if known.content_hash == story.content_hash:
+            if known.id != story.id:
+                exp.notes.append(f"{story.id} has the same audio and words as {known.id}: "
+                                 "treated as the same story")
+            return known.id
+    story_id = story.id if story.id not in exp.stories else f"{story.id}-{story.content_hash[:8]}"
+    exp.stories[story_id] = replace(story, id=story_id)
+    return story_id
 
 
 def _check_required_stimuli(exp: Experiment, cfg: RunConfig) -> None:

@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("execution")
     g.add_argument("-w", "--work-dir", type=Path, metavar="DIR", help="scratch folder (default: ./work)")
+    g.add_argument("--bids-database-dir", type=Path, metavar="DIR",
+                   help="where PyBIDS keeps its index of bids_dir, reused by later runs (default: none)")
     g.add_argument("--config-file", type=Path, metavar="FILE",
                    help="TOML settings ([inputs], [execution], [[features]]); the command line wins")
     g.add_argument("--nprocs", "--n-cpus", dest="nprocs", type=int, metavar="N", help="CPU processes to use")

@@ -26,8 +26,8 @@ log = logging.getLogger("bidsenc")
 
 _IO_ERRNOS = {errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 _SECTIONS = {
-    "execution": {"work_dir", "feature_cache", "nprocs", "omp_nthreads", "device", "random_seed", "verbose",
-                  "allow_download"},
+    "execution": {"work_dir", "feature_cache", "bids_database_dir", "nprocs", "omp_nthreads", "device",
+                  "random_seed", "verbose", "allow_download"},
 }
 
 
@@ -124,6 +124,9 @@ def _run(cfg: RunConfig, logs_dir: Path) -> None:
     if cfg.inputs.analysis_level == "group":
         workflow.group(cfg)
         return
+    from ..device import resolve_device
+
+    resolve_device(cfg.execution.device)
     if not cfg.inputs.skip_bids_validation:
         validate_bids(cfg.inputs.bids_dir)
     dataset = open_dataset(cfg)

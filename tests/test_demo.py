@@ -1,0 +1,41 @@
+"""``bidsenc-demo``: generate, run, and check against the generator's truth, end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def test_demo_command(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bidsenc.cli.demo", str(tmp_path / "demo")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "matches truth.json" in proc.stdout
+    root = tmp_path / "demo"
+    truth = json.loads((root / "truth.json").read_text())
+    for label in truth["participants"]:
+        exp = json.loads((root / "out" / "logs" / f"experiment-sub-{label}.json").read_text())
+        assert exp["repeats"] == truth["subjects"][label]["repeats"]
+    models = json.loads((root / "models" / "models.json").read_text())["models"]
+    assert {m["kind"] for m in models} == {"lm", "encoder-lm", "audio"}
+    assert sum(m["kind"] == "lm" for m in models) == 3
+    config = (root / "bidsenc.toml").read_text()
+    assert all(str(root / "models" / m["path"]) in config for m in models)
+
+
+def test_demo_detects_a_mismatch(tmp_path):
+    """The self-check is real: a truth that disagrees with the data is reported and fails."""
+    from bidsenc.cli.demo import compare_with_truth
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    run = {"name": "sub-01_task-a", "n_volumes": 10, "segments": [{"story": "a", "onset": 10.0}]}
+    found = {"runs": [run], "repeats": {}, "skipped": [], "stories": {"a": {"n_words": 5}}}
+    (logs / "experiment-sub-01.json").write_text(json.dumps(found))
+    truth = {"subjects": {"01": {"runs": [run], "repeats": {}, "skipped": []}}, "stories": {"a": {"n_words": 5}}}
+    assert compare_with_truth(truth, logs) == []
+    truth["subjects"]["01"]["runs"] = [dict(run, segments=[{"story": "a", "onset": 0.0}])]
+    truth["stories"]["a"]["n_words"] = 6
+    assert compare_with_truth(truth, logs) == ["sub-01_task-a: volumes or segments differ",
+                                               "sub-01: story a word count differs"]
