@@ -102,6 +102,7 @@ class ExecutionConfig:
     random_seed: int = 0
     verbose: int = 0
     allow_download: bool = False
+    features_only: bool = False
 
 
 @dataclass(frozen=True)

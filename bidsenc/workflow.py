@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 from ._io import atomic_write_text
 from .bids.discover import Dataset, discover
@@ -12,7 +14,8 @@ from .errors import UsageError
 log = logging.getLogger(__name__)
 
 
-def participant(cfg: RunConfig, dataset: Dataset, label: str, logs_dir) -> None:
+def participant(cfg: RunConfig, dataset: Dataset, label: str, logs_dir: Path, run_dir: Path,
+                device: str) -> None:
     """Run the participant-level analysis for ``label``."""
     experiment = discover(dataset, cfg, label)
     out = logs_dir / f"experiment-sub-{label}.json"
@@ -20,10 +23,38 @@ def participant(cfg: RunConfig, dataset: Dataset, label: str, logs_dir) -> None:
     log.info("wrote %s", out)
     for note in experiment.notes:
         log.info("note: %s", note)
-    # Feature extraction, model fitting and derivatives are added by the next steps
-    # of the pipeline (features -> align -> models -> derivatives -> report).
-    log.warning("sub-%s: this version of bidsenc stops after discovery; feature extraction and "
-                "model fitting are not available yet", label)
+    spaces = extract_features(cfg, experiment.stories, device)
+    atomic_write_text(run_dir / f"features-sub-{label}.json",
+                      json.dumps([s.describe() for s in spaces], indent=2) + "\n")
+    # Alignment, model fitting and derivatives are the next steps of the pipeline
+    # (align -> models -> derivatives -> report).
+    log.warning("sub-%s: this version of bidsenc stops after feature extraction; model fitting is not "
+                "available yet", label)
+
+
+def features_only(cfg: RunConfig, dataset: Dataset, labels: list[str], run_dir: Path, device: str) -> None:
+    """Precompute every feature of every story the selected participants heard (a GPU job)."""
+    unique: dict = {}
+    for label in labels:
+        for story in discover(dataset, cfg, label).stories.values():
+            known = unique.get(story.id)
+            if known is None:
+                unique[story.id] = story
+            elif known.content_hash != story.content_hash:  # same name, other content elsewhere
+                unique[f"{story.id}-{story.content_hash[:8]}"] = story
+    spaces = extract_features(cfg, unique, device)
+    atomic_write_text(run_dir / "features.json", json.dumps([s.describe() for s in spaces], indent=2) + "\n")
+    log.info("features of %d stories for %d feature spaces are in %s", len(unique), len(spaces),
+             cfg.feature_cache)
+
+
+def extract_features(cfg: RunConfig, stories: dict, device: str):
+    from .features import extract
+    from .features.cache import FeatureStore
+
+    cfg.feature_cache.mkdir(parents=True, exist_ok=True)
+    store = FeatureStore(cfg.feature_cache)
+    return extract(cfg.features, stories, store, device=device, allow_download=cfg.execution.allow_download)
 
 
 def group(cfg: RunConfig) -> None:

@@ -29,3 +29,13 @@ def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     truth = make_demo(root, seed=0, with_models=False)
     return root, truth
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory) -> str:
+    """A tiny causal LM saved locally; its path works as ``--feature lm:PATH``."""
+    from bidsenc.synth.models import make_causal_lm_family
+
+    root = tmp_path_factory.mktemp("tiny-lm")
+    texts = ["one two three four five six seven eight nine ten hello world story words"] * 20
+    return str(make_causal_lm_family(root, texts, sizes=("tiny",))[0]["path"])

@@ -26,14 +26,14 @@ def bidsenc(*args, cwd=None):
 
 
 @pytest.fixture
-def small(tmp_path):
+def small(tmp_path, tiny_lm):
     make_raw(tmp_path / "ds", participants=("01", "02"))
-    return tmp_path / "ds", tmp_path / "out", tmp_path / "work"
+    return tmp_path / "ds", tmp_path / "out", tmp_path / "work", tiny_lm
 
 
 def _run(small, *extra):
-    ds, out, work = small
-    return bidsenc(ds, out, "participant", "-w", work, "--feature", "lm:m", *extra)
+    ds, out, work, lm = small
+    return bidsenc(ds, out, "participant", "-w", work, "--feature", f"lm:{lm}", *extra)
 
 
 def _assert_one_line_error(stderr: str, *fragments: str) -> None:
@@ -68,7 +68,7 @@ def test_parser_is_side_effect_free_and_makes_a_manpage(tmp_path, monkeypatch):
 
 
 def test_participant_run_writes_logs(small):
-    ds, out, work = small
+    ds, out, work, lm = small
     code, _, err = _run(small, "--participant-label", "sub-01", "--random-seed", "7")
     assert code == 0, err
     exp = json.loads((out / "logs" / "experiment-sub-01.json").read_text())
@@ -80,14 +80,16 @@ def test_participant_run_writes_logs(small):
     cfg = tomllib.loads((run_dir / "config.toml").read_text())
     assert cfg["inputs"]["participant_label"] == ["01"]
     assert cfg["execution"]["random_seed"] == 7
-    assert cfg["features"] == [{"kind": "lm", "model": "m"}]
+    assert cfg["features"] == [{"kind": "lm", "model": lm}]
+    features = json.loads((run_dir / "features-sub-01.json").read_text())
+    assert features[0]["n_layers"] == 2 and features[0]["layers"] == [0, 1, 2]
     # the written config is a valid --config-file: rerunning from it gives the same settings
     again = configure([str(ds), str(out), "participant", "--config-file", str(run_dir / "config.toml")])
     assert again.to_toml() == (run_dir / "config.toml").read_text()
 
 
 def test_labels_from_file_and_both_spellings(small, tmp_path):
-    ds, out, _ = small
+    ds, out, _, lm = small
     labels = tmp_path / "labels.txt"
     labels.write_text("sub-02\n01\n")
     cfg = configure([str(ds), str(out), "participant", "--participant_label", str(labels)])
@@ -98,7 +100,7 @@ def test_labels_from_file_and_both_spellings(small, tmp_path):
 
 
 def test_command_line_overrides_config_file(small, tmp_path):
-    ds, out, _ = small
+    ds, out, _, lm = small
     conf = tmp_path / "c.toml"
     conf.write_text('[execution]\ndevice = "cpu"\nnprocs = 3\nmem_gb = "8GB"\n[[features]]\nkind = "audio"\n'
                     'model = "openai/whisper-tiny"\nlayers = "0-2"\n')
@@ -115,13 +117,13 @@ def test_command_line_overrides_config_file(small, tmp_path):
 # --------------------------------------------------------------------------- exit codes
 
 def test_exit_1_internal_error_writes_crash_file(small, monkeypatch, capsys):
-    ds, out, work = small
+    ds, out, work, lm = small
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
     monkeypatch.setattr("bidsenc.workflow.participant", broken)
-    code = cli_run.main([str(ds), str(out), "participant", "-w", str(work), "--feature", "lm:m"])
+    code = cli_run.main([str(ds), str(out), "participant", "-w", str(work), "--feature", f"lm:{lm}"])
     assert code == 1
     err = capsys.readouterr().err
     _assert_one_line_error(err, "RuntimeError: boom", "crash-")
@@ -130,7 +132,7 @@ def test_exit_1_internal_error_writes_crash_file(small, monkeypatch, capsys):
 
 
 def test_exit_16_invalid_bids(small):
-    ds, _, _ = small
+    ds, _, _, _ = small
     (ds / "sub-01" / "func" / "sub-01_task-story_events.tsv").write_text(
         "onset\tduration\tstim_file\nabc\t30\tstory.wav\n")
     code, _, err = _run(small)
@@ -143,7 +145,7 @@ def test_exit_16_invalid_bids(small):
 
 
 def test_validation_ignores_missing_stimuli(small):
-    ds, _, _ = small
+    ds, _, _, _ = small
     (ds / "stimuli" / "story.wav").unlink()  # a validator error that bidsenc reports itself
     code, _, err = _run(small, "--feature", "audio:m")
     assert code == 66
@@ -151,7 +153,7 @@ def test_validation_ignores_missing_stimuli(small):
 
 
 def test_exit_17_unknown_level(small):
-    ds, out, _ = small
+    ds, out, _, lm = small
     code, _, err = bidsenc(ds, out, "subject")
     assert code == 17
     _assert_one_line_error(err, "'subject'", "participant, group")
@@ -183,7 +185,7 @@ def test_exit_18_nothing_selected(small, extra, fragments):
     (["{ds}", "{out}", "participant", "--bids-filter-file", "{tmp}/bad.json"], "not valid JSON"),
 ])
 def test_exit_64_usage(small, tmp_path, args, fragment):
-    ds, out, _ = small
+    ds, out, _, lm = small
     (tmp_path / "bad.toml").write_text("[execution]\ngpus = 2\n")
     (tmp_path / "bad.json").write_text("{bold: }")
     args = [a.format(ds=ds, out=out, tmp=tmp_path) for a in args]
@@ -193,14 +195,14 @@ def test_exit_64_usage(small, tmp_path, args, fragment):
 
 
 def test_exit_64_output_under_derivatives_is_allowed(small):
-    ds, _, work = small
-    code, _, err = bidsenc(ds, ds / "derivatives" / "bidsenc", "participant", "-w", work, "--feature", "lm:m",
+    ds, _, work, lm = small
+    code, _, err = bidsenc(ds, ds / "derivatives" / "bidsenc", "participant", "-w", work, "--feature", f"lm:{lm}",
                            "--skip-bids-validation")
     assert code == 0, err
 
 
 def test_exit_65_malformed_data(small):
-    ds, _, _ = small
+    ds, _, _, _ = small
     # a word timing file that is not a TextGrid
     (ds / "stimuli" / "story.tsv").unlink()
     (ds / "stimuli" / "story.TextGrid").write_text('File type = "ooTextFile"\nObject class = "TextGrid"\n\nxmin')
@@ -210,7 +212,7 @@ def test_exit_65_malformed_data(small):
 
 
 def test_exit_65_corrupt_bold(small):
-    ds, _, _ = small
+    ds, _, _, _ = small
     (ds / "sub-01" / "func" / "sub-01_task-story_bold.nii.gz").write_bytes(b"not a nifti")
     code, _, err = _run(small, "--skip-bids-validation")
     assert code == 65
@@ -218,7 +220,7 @@ def test_exit_65_corrupt_bold(small):
 
 
 def test_exit_65_3d_bold(small):
-    ds, _, _ = small
+    ds, _, _, _ = small
     path = ds / "sub-01" / "func" / "sub-01_task-story_bold.nii.gz"
     nib.save(nib.Nifti1Image(nib.load(path).get_fdata()[..., 0], nib.load(path).affine), path)
     code, _, err = _run(small, "--skip-bids-validation")
@@ -227,7 +229,7 @@ def test_exit_65_3d_bold(small):
 
 
 def test_exit_65_sidecar_without_tr(small):
-    ds, _, _ = small
+    ds, _, _, _ = small
     (ds / "task-story_bold.json").write_text(json.dumps({"TaskName": "story"}))
     code, _, err = _run(small, "--skip-bids-validation")
     assert code == 65
@@ -235,7 +237,7 @@ def test_exit_65_sidecar_without_tr(small):
 
 
 def test_exit_66_missing_inputs(small):
-    ds, _, _ = small
+    ds, _, _, _ = small
     (ds / "stimuli" / "story.tsv").unlink()
     code, _, err = _run(small)
     assert code == 66
@@ -248,7 +250,7 @@ def test_exit_66_missing_inputs(small):
 
 
 def test_exit_66_no_story_runs(small):
-    ds, _, _ = small
+    ds, _, _, _ = small
     for events in ds.glob("sub-*/func/*_events.tsv"):
         events.write_text("onset\tduration\ttrial_type\n0\t10\trest\n")
     code, _, err = _run(small)
@@ -257,7 +259,7 @@ def test_exit_66_no_story_runs(small):
 
 
 def test_exit_73_output_cannot_be_created(small, tmp_path):
-    ds, _, work = small
+    ds, _, work, lm = small
     blocker = tmp_path / "file"
     blocker.write_text("")
     code, _, err = bidsenc(ds, blocker / "out", "participant", "-w", work)
@@ -266,13 +268,13 @@ def test_exit_73_output_cannot_be_created(small, tmp_path):
 
 
 def test_exit_74_io_error(small, monkeypatch, capsys):
-    ds, out, work = small
+    ds, out, work, lm = small
 
     def disk_full(path, text):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr("bidsenc.workflow.atomic_write_text", disk_full)
-    code = cli_run.main([str(ds), str(out), "participant", "-w", str(work), "--feature", "lm:m"])
+    code = cli_run.main([str(ds), str(out), "participant", "-w", str(work), "--feature", f"lm:{lm}"])
     assert code == 74
     _assert_one_line_error(capsys.readouterr().err, "No space left on device", "experiment-sub-01.json")
     assert not (out / "logs" / "experiment-sub-01.json").exists()
@@ -289,6 +291,12 @@ def test_exit_75_cuda_asked_but_absent(small):
 
 
 def test_device_is_logged(small):
-    ds, out, _ = small
+    ds, out, _, lm = small
     code, _, err = _run(small, "--device", "cpu")
     assert code == 0 and "device: CPU" in err
+
+
+def test_exit_66_model_not_available_offline(small):
+    code, _, err = _run(small, "--feature", "lm:some-org/no-such-model")
+    assert code == 66
+    _assert_one_line_error(err, "some-org/no-such-model", "--allow-download")

@@ -447,6 +447,11 @@ def _make_story(story_id: str, audio: Path | None, words: WordTimings | None) ->
     duration = audio_duration(audio) if audio is not None else (
         float(words.offsets.max()) if words is not None and len(words) else None
     )
+    if audio is not None and words is not None and len(words) and words.onsets.max() >= duration:
+        raise DataError(
+            f"{words.source or story_id}: words run to {words.offsets.max():.1f} s but the audio {audio.name} "
+            f"lasts {duration:.1f} s; is this the timing file of another stimulus?"
+        )
     h = hashlib.sha256()
     if audio is not None:
         with open(audio, "rb") as fh:

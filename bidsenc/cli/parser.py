@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "lm:facebook/opt-125m:layers=all (default: a small OPT and a small Whisper)")
     g.add_argument("--feature-cache", type=Path, metavar="DIR",
                    help="feature cache shared across jobs (default: <work-dir>/feature-cache)")
+    g.add_argument("--features-only", action="store_true",
+                   help="only compute the features of every story (e.g. one GPU job before participant jobs)")
     g.add_argument("--allow-download", action="store_true",
                    help="let models be downloaded from the Hugging Face hub (off: local files only)")
 

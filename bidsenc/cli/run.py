@@ -11,6 +11,7 @@ import errno
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import traceback
@@ -27,20 +28,23 @@ log = logging.getLogger("bidsenc")
 _IO_ERRNOS = {errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 _SECTIONS = {
     "execution": {"work_dir", "feature_cache", "bids_database_dir", "nprocs", "omp_nthreads", "device",
-                  "random_seed", "verbose", "allow_download"},
+                  "random_seed", "verbose", "allow_download", "features_only"},
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run bidsenc; return the exit code."""
     logs_dir = None
+    # SLURM and container runtimes stop jobs with SIGTERM: unwind normally so that
+    # feature-cache locks are released and no half-written output is left behind.
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         cfg = configure(argv)
         logs_dir, run_id = _prepare_outputs(cfg)
         _setup_logging(cfg, logs_dir / run_id / "bidsenc.log")
         log.info("bidsenc %s, run %s", __version__, run_id)
         atomic_write_text(logs_dir / run_id / "config.toml", cfg.to_toml())
-        _run(cfg, logs_dir)
+        _run(cfg, logs_dir, logs_dir / run_id)
         return 0
     except BidsencError as err:
         return _fail(err)
@@ -54,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception:
         return _crash(logs_dir)
+
+
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def configure(argv: list[str] | None) -> RunConfig:
@@ -116,7 +124,7 @@ def _setup_logging(cfg: RunConfig, logfile: Path) -> None:
     root.propagate = False
 
 
-def _run(cfg: RunConfig, logs_dir: Path) -> None:
+def _run(cfg: RunConfig, logs_dir: Path, run_dir: Path) -> None:
     from .. import workflow
     from ..bids.discover import open_dataset, select_participants
     from ..bids.validate import validate_bids
@@ -126,12 +134,16 @@ def _run(cfg: RunConfig, logs_dir: Path) -> None:
         return
     from ..device import resolve_device
 
-    resolve_device(cfg.execution.device)
+    device = resolve_device(cfg.execution.device)
     if not cfg.inputs.skip_bids_validation:
         validate_bids(cfg.inputs.bids_dir)
     dataset = open_dataset(cfg)
-    for label in select_participants(dataset, cfg):
-        workflow.participant(cfg, dataset, label, logs_dir)
+    labels = select_participants(dataset, cfg)
+    if cfg.execution.features_only:
+        workflow.features_only(cfg, dataset, labels, run_dir, device)
+        return
+    for label in labels:
+        workflow.participant(cfg, dataset, label, logs_dir, run_dir, device)
 
 
 def _fail(err: BidsencError) -> int:

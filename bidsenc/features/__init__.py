@@ -1,0 +1,210 @@
+"""Stimulus features: language-model and audio-model hidden states, cached per story.
+
+:func:`extract` takes the run's feature specs and the stories heard, computes
+what the cache does not hold yet (batched across all stories of a model), and
+returns one :class:`FeatureSpace` per spec from which per-story, per-layer
+features are read memory-mapped. Features know stimuli, not responses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..bids.experiment import Story
+from ..config import FeatureSpec
+from ..errors import MissingInputError, UsageError
+from .cache import FeatureStore, Request, StoredFeatures
+from .hub import from_pretrained, model_fingerprint, parse_layers, slug
+
+log = logging.getLogger(__name__)
+
+_LM_OPTIONS = {"layers": str, "dtype": str, "context": str, "min_context": int, "max_tokens": int,
+               "max_words": int, "batch_tokens": int, "lowercase": bool, "revision": str, "device_map": str}
+_AUDIO_OPTIONS = {"layers": str, "dtype": str, "batch_size": int, "revision": str}
+
+
+@dataclass
+class FeatureSpace:
+    """One model's features for every story: where they are and what produced them."""
+
+    spec: FeatureSpec
+    name: str
+    layers: list[int]
+    n_layers: int
+    requests: dict[str, Request]
+    store: FeatureStore
+    model: dict = field(default_factory=dict)
+    #: How the stories were obtained in this run: {"hit": n, "computed": n, "waited": n}.
+    counts: dict = field(default_factory=dict)
+
+    def load(self, story_id: str) -> StoredFeatures:
+        """Times (s from the audio's start) and per-layer float16 memmaps of one story."""
+        return self.store.load(self.requests[story_id])
+
+    def describe(self) -> dict:
+        return {"name": self.name, "kind": self.spec.kind, "model": self.spec.model, "options": self.spec.options,
+                "layers": self.layers, **{k: v for k, v in self.model.items() if k not in ("model", "kind")}}
+
+
+def extract(specs, stories: dict[str, Story], store: FeatureStore, *, device: str = "cpu",
+            allow_download: bool = False, progress: bool = True) -> list[FeatureSpace]:
+    """Make sure every spec's features exist for every story, computing what is missing."""
+    return [_extract_one(spec, stories, store, device, allow_download, progress) for spec in specs]
+
+
+def _extract_one(spec: FeatureSpec, stories: dict[str, Story], store: FeatureStore, device: str,
+                 allow_download: bool, progress: bool) -> FeatureSpace:
+    options = _options(spec)
+    config = _load_config(spec.model, allow_download, options.get("revision"))
+    n_layers = _n_layers(config, spec.kind)
+    layers = parse_layers(options.get("layers"), n_layers)
+    params = _extraction_params(spec, options)
+    model_key = f"{slug(spec.model)}-{_hash(model_fingerprint(spec.model, config, options.get('revision')), params)}"
+    usable = {sid: s for sid, s in stories.items() if (s.words is not None if spec.kind == "lm" else s.audio)}
+    missing = sorted(set(stories) - set(usable))
+    if missing:
+        what = "word timings" if spec.kind == "lm" else "audio"
+        raise MissingInputError(f"{spec.kind} features from {spec.model} need {what}; story "
+                                f"{', '.join(missing[:5])} has none")
+    requests = {sid: Request(model_key, f"{slug(sid)}-{s.content_hash[:12]}", tuple(layers))
+                for sid, s in sorted(usable.items())}
+    by_request = {req: usable[sid] for sid, req in requests.items()}
+    described: dict = {}
+
+    def compute(todo: list[Request]):
+        if spec.kind == "lm":
+            yield from _compute_lm(spec, options, [by_request[r] for r in todo], todo, layers, device,
+                                   allow_download, progress, described)
+        else:
+            yield from _compute_audio(spec, options, [by_request[r] for r in todo], todo, layers, device,
+                                      allow_download, progress, described)
+
+    counts = store.ensure(list(requests.values()), compute)
+    log.info("%s features from %s: %d stories (%d from the cache, %d computed here)", spec.kind, spec.model,
+             len(requests), counts.get("hit", 0), counts.get("computed", 0))
+    if not described and requests:
+        described = dict(store.load(next(iter(requests.values()))).info.get("model", {}))
+    name = f"{spec.kind}-{slug(spec.model)}"
+    return FeatureSpace(spec, name, layers, n_layers, requests, store, described, counts)
+
+
+# --------------------------------------------------------------------------- language models
+
+def _compute_lm(spec, options, stories: list[Story], todo: list[Request], layers, device, allow_download,
+                progress, described):
+    from .lm import extract_lm_features, load_language_model
+
+    lm = load_language_model(spec.model, device=device, dtype=options.get("dtype", "auto"),
+                             allow_download=allow_download, revision=options.get("revision"),
+                             device_map=options.get("device_map"))
+    described.update(lm.describe())
+    lowercase = options.get("lowercase", True)
+    word_lists, times = [], []
+    for story in stories:
+        words = story.words.without_non_words()
+        word_lists.append([w.lower() if lowercase else w for w in words.words])
+        times.append(words.midpoints)
+    result = extract_lm_features(
+        lm, word_lists, layers=layers, scheme=options.get("context", "efficient"),
+        min_context=options.get("min_context", 256), max_tokens=options.get("max_tokens"),
+        max_words=options.get("max_words"), batch_tokens=options.get("batch_tokens"), progress=progress,
+    )
+    for req, story_times, feats in zip(todo, times, result.features, strict=True):
+        yield req, story_times, feats, {"model": lm.describe(), "params": _extraction_params(spec, options),
+                                        "unit": "word", "time": "word midpoint, s from the audio's start"}
+
+
+# --------------------------------------------------------------------------- audio models
+
+def _compute_audio(spec, options, stories: list[Story], todo: list[Request], layers, device, allow_download,
+                   progress, described):
+    from ..bids.audio import load_audio
+    from .audio import extract_audio_features, load_audio_model
+
+    model = load_audio_model(spec.model, device=device, dtype=options.get("dtype", "auto"),
+                             allow_download=allow_download, revision=options.get("revision"))
+    info = {"model": spec.model, "kind": "audio", "n_parameters": model.n_parameters, "n_layers": model.n_layers,
+            "hidden_size": model.hidden_size, "fingerprint": model.fingerprint,
+            "dtype": str(model.dtype).removeprefix("torch.")}
+    described.update(info)
+    for req, story in zip(todo, stories, strict=True):
+        audio, _ = load_audio(story.audio)
+        times, feats = extract_audio_features(model, audio, layers=layers,
+                                              batch_size=options.get("batch_size", 32), progress=progress)
+        yield req, times, feats, {"model": info, "params": _extraction_params(spec, options), "unit": "window",
+                                  "time": "window end, s from the audio's start"}
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _options(spec: FeatureSpec) -> dict:
+    known = _LM_OPTIONS if spec.kind == "lm" else _AUDIO_OPTIONS
+    out = {}
+    for key, value in spec.options.items():
+        if key not in known:
+            raise UsageError(f"feature {spec.kind}:{spec.model}: unknown option {key!r}; "
+                             f"known: {', '.join(sorted(known))}")
+        out[key] = _convert(value, known[key], f"{spec.kind}:{spec.model} {key}")
+    if out.get("context", "efficient") not in ("efficient", "reference"):
+        raise UsageError(f"feature {spec.kind}:{spec.model}: context must be efficient or reference")
+    return out
+
+
+def _convert(value, kind, where: str):
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes"):
+            return True
+        if str(value).lower() in ("0", "false", "no"):
+            return False
+        raise UsageError(f"{where}: expected true or false, got {value!r}")
+    if kind is int:
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise UsageError(f"{where}: expected a whole number, got {value!r}") from None
+        if number < 1:
+            raise UsageError(f"{where}: must be positive, got {number}")
+        return number
+    return str(value)
+
+
+def _extraction_params(spec: FeatureSpec, options: dict) -> dict:
+    """What changes the features' values (layers and batch sizes do not)."""
+    if spec.kind == "lm":
+        return {"context": options.get("context", "efficient"), "min_context": options.get("min_context", 256),
+                "max_tokens": options.get("max_tokens"), "max_words": options.get("max_words"),
+                "lowercase": options.get("lowercase", True), "dtype": options.get("dtype", "auto"),
+                "non_words_dropped": True}
+    return {"window_s": 16.1, "step_s": 0.1, "dtype": options.get("dtype", "auto")}
+
+
+def _hash(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _load_config(name: str, allow_download: bool, revision: str | None):
+    from transformers import AutoConfig
+
+    return from_pretrained(AutoConfig, name, allow_download=allow_download, revision=revision)
+
+
+def _n_layers(config, kind: str) -> int:
+    if kind == "audio" and getattr(config, "model_type", "") == "whisper":
+        return int(config.encoder_layers)
+    return int(config.get_text_config().num_hidden_layers)
+
+
+def story_times_and_layer(space: FeatureSpace, story_id: str, layer: int) -> tuple[np.ndarray, np.ndarray]:
+    """Convenience: one story's times and one layer's features (float16 memmap)."""
+    stored = space.load(story_id)
+    return stored.times, stored.layers[layer]
+
+
+__all__ = ["FeatureSpace", "extract", "story_times_and_layer"]
