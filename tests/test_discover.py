@@ -8,6 +8,7 @@ import pytest
 
 from bidsenc.bids.discover import discover, open_dataset, select_participants
 from bidsenc.cli.run import configure
+from bidsenc.config import FeatureSpec
 from bidsenc.errors import DataError, MissingInputError, NoDataSelectedError, UsageError
 
 from builders import make_ds003020, make_fmriprep, make_narratives
@@ -111,9 +112,12 @@ def test_ds003020_without_hdf5_reads_nifti(tmp_path):
 
 
 def test_ds003020_audio_required_for_audio_features(tmp_path):
+    from bidsenc.features import extract
+
     make_ds003020(tmp_path / "ds", shared("ds003020-meta"))
-    with pytest.raises(MissingInputError, match="no audio for story"):
-        _experiment(tmp_path / "ds", tmp_path, "UTS01", "--feature", "audio:m")
+    _, exp = _experiment(tmp_path / "ds", tmp_path, "UTS01", "--feature", "audio:m")
+    with pytest.raises(MissingInputError, match="need audio; story"):
+        extract([FeatureSpec.parse("audio:m")], exp.stories, store=None)
 
 
 # --------------------------------------------------------------------------- Narratives
@@ -147,8 +151,14 @@ def test_narratives_events(tmp_path):
 def test_missing_stim_file_names_it(tmp_path):
     make_narratives(tmp_path / "ds", shared("ds002345-meta"), {"pieman": "sub-001"})
     (tmp_path / "ds" / "stimuli" / "pieman_audio.wav").unlink()
+    _, exp = _experiment(tmp_path / "ds", tmp_path, "001")  # text features can still run
+    story = exp.stories["pieman_audio"]
+    assert story.audio is None and story.missing_audio == tmp_path / "ds" / "stimuli" / "pieman_audio.wav"
+    assert exp.to_dict()["stories"]["pieman_audio"]["missing_audio"].endswith("pieman_audio.wav")
+    from bidsenc.features import extract
+
     with pytest.raises(MissingInputError, match="pieman_audio.wav.*--stimuli-dir"):
-        _experiment(tmp_path / "ds", tmp_path, "001")
+        extract([FeatureSpec.parse("audio:m")], exp.stories, store=None)
 
 
 # --------------------------------------------------------------------------- fMRIPrep

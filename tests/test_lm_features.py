@@ -191,3 +191,37 @@ def test_layer_selection():
         parse_layers("7", 4)
     with pytest.raises(UsageError):
         parse_layers("middle", 4)
+
+
+def test_out_of_memory_retries_in_halves(models, podcast_words, monkeypatch):
+    import torch
+
+    lm = models["gpt"]
+    stories = [podcast_words[:400], podcast_words[400:900], podcast_words[900:1200]]
+    layers = [0, lm.n_layers]
+    expected = extract_lm_features(lm, stories, layers=layers, min_context=64, max_tokens=200,
+                                   batch_tokens=100_000)
+    forward = type(lm.model).forward
+    sizes = []
+
+    def limited(self, input_ids=None, **kwargs):
+        sizes.append(len(input_ids))
+        if len(input_ids) > 2:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return forward(self, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(type(lm.model), "forward", limited)
+    got = extract_lm_features(lm, stories, layers=layers, min_context=64, max_tokens=200, batch_tokens=100_000)
+    assert max(sizes) > 2 and sizes[-1] <= 2
+    for a, b in zip(expected.features, got.features, strict=True):
+        for layer in layers:
+            assert np.abs(a[layer] - b[layer]).max() <= 1e-5
+
+    def always(self, input_ids=None, **kwargs):
+        raise torch.cuda.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(type(lm.model), "forward", always)
+    from bidsenc.errors import TemporaryFailure
+
+    with pytest.raises(TemporaryFailure, match="single item"):
+        extract_lm_features(lm, stories[:1], layers=layers, min_context=64, max_tokens=200)

@@ -242,11 +242,6 @@ def _bids_story(dataset: Dataset, cfg: RunConfig, stim_file: str, event_words: W
     stim_path = dataset.stimuli_dir / stim_file
     story_id = str(Path(stim_file).with_suffix(""))
     audio = stim_path if stim_path.is_file() else None
-    if audio is None and cfg.needs_audio:
-        raise MissingInputError(
-            f"stim_file {stim_file} is not in {dataset.stimuli_dir}; put the stimuli there or "
-            "point --stimuli-dir at the folder that holds them"
-        )
     words = None
     explicit = cfg.inputs.word_timings.get(stim_file) or cfg.inputs.word_timings.get(story_id)
     timing_file = Path(explicit) if explicit else find_word_timings(
@@ -259,7 +254,8 @@ def _bids_story(dataset: Dataset, cfg: RunConfig, stim_file: str, event_words: W
     elif event_words is not None:
         words = WordTimings(event_words.words, event_words.onsets - onset, event_words.offsets - onset,
                             event_words.source)
-    return _make_story(story_id, audio, words)
+    story = _make_story(story_id, audio, words)
+    return story if audio is not None else replace(story, missing_audio=stim_path)
 
 
 # --------------------------------------------------------------------------- ds003020
@@ -491,11 +487,6 @@ def _check_required_stimuli(exp: Experiment, cfg: RunConfig) -> None:
             )
         if cfg.needs_words and len(story.words.without_non_words()) == 0:
             raise DataError(f"{story.words.source}: word timing for story {story.id} holds no words")
-        if cfg.needs_audio and story.audio is None:
-            raise MissingInputError(
-                f"no audio for story {story.id}; audio-model features need it: put it in the stimuli "
-                "folder or point --stimuli-dir at it"
-            )
 
 
 # --------------------------------------------------------------------------- helpers

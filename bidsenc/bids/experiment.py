@@ -69,6 +69,8 @@ class Story:
     words: WordTimings | None
     duration: float | None
     content_hash: str
+    #: Where the audio was expected when it is missing (a stim_file not in the stimuli folder).
+    missing_audio: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -169,6 +171,7 @@ class Experiment:
             "stories": {
                 sid: {
                     "audio": str(s.audio) if s.audio else None,
+                    "missing_audio": str(s.missing_audio) if s.missing_audio else None,
                     "word_timings": str(s.words.source) if s.words and s.words.source else None,
                     "n_words": len(s.words.without_non_words()) if s.words else None,
                     "duration": s.duration,

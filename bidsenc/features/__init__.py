@@ -53,24 +53,35 @@ class FeatureSpace:
 
 def extract(specs, stories: dict[str, Story], store: FeatureStore, *, device: str = "cpu",
             allow_download: bool = False, progress: bool = True) -> list[FeatureSpace]:
-    """Make sure every spec's features exist for every story, computing what is missing."""
-    return [_extract_one(spec, stories, store, device, allow_download, progress) for spec in specs]
+    """Make sure every spec's features exist for every story, computing what is missing.
+
+    Text features come first, so that a missing audio file stops the run only after
+    the language-model features are cached.
+    """
+    ordered = sorted(specs, key=lambda spec: spec.kind != "lm")
+    spaces = {id(spec): _extract_one(spec, stories, store, device, allow_download, progress) for spec in ordered}
+    return [spaces[id(spec)] for spec in specs]
 
 
 def _extract_one(spec: FeatureSpec, stories: dict[str, Story], store: FeatureStore, device: str,
                  allow_download: bool, progress: bool) -> FeatureSpace:
+    usable = {sid: s for sid, s in stories.items() if (s.words is not None if spec.kind == "lm" else s.audio)}
+    missing = sorted(set(stories) - set(usable))
+    if missing:
+        story = stories[missing[0]]
+        if spec.kind == "audio" and story.missing_audio is not None:
+            raise MissingInputError(
+                f"audio features from {spec.model} need {story.missing_audio.name}, which is not in "
+                f"{story.missing_audio.parent}; put the stimuli there or point --stimuli-dir at them")
+        what = "word timings" if spec.kind == "lm" else "audio"
+        raise MissingInputError(f"{spec.kind} features from {spec.model} need {what}; story "
+                                f"{', '.join(missing[:5])} has none")
     options = _options(spec)
     config = _load_config(spec.model, allow_download, options.get("revision"))
     n_layers = _n_layers(config, spec.kind)
     layers = parse_layers(options.get("layers"), n_layers)
     params = _extraction_params(spec, options)
     model_key = f"{slug(spec.model)}-{_hash(model_fingerprint(spec.model, config, options.get('revision')), params)}"
-    usable = {sid: s for sid, s in stories.items() if (s.words is not None if spec.kind == "lm" else s.audio)}
-    missing = sorted(set(stories) - set(usable))
-    if missing:
-        what = "word timings" if spec.kind == "lm" else "audio"
-        raise MissingInputError(f"{spec.kind} features from {spec.model} need {what}; story "
-                                f"{', '.join(missing[:5])} has none")
     requests = {sid: Request(model_key, f"{slug(sid)}-{s.content_hash[:12]}", tuple(layers))
                 for sid, s in sorted(usable.items())}
     by_request = {req: usable[sid] for sid, req in requests.items()}

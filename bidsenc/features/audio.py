@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError, UsageError
-from .hub import count_parameters, from_pretrained, model_fingerprint, resolve_dtype
+from .hub import count_parameters, from_pretrained, model_fingerprint, resolve_dtype, run_with_oom_retry
 
 log = logging.getLogger(__name__)
 
@@ -347,12 +347,16 @@ def extract_audio_features(model: AudioModel, audio: np.ndarray, *, layers: list
         samples = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)).to(model.device)
         source = _WhisperMel(model.processor, samples, starts, ends) if model.kind == "whisper" else samples
         forward = _whisper_batch if model.kind == "whisper" else _ssl_batch
-        for rows in _batches(model.kind, starts, ends, batch_size):
+
+        def run(rows):
             gathered = forward(model, source, starts[rows], ends[rows], layers)  # [L, B, H]
             gathered = gathered.float().cpu().numpy()
             for i, layer in enumerate(layers):
                 out[layer][rows] = gathered[i]
             bar.update(len(rows))
+
+        for rows in _batches(model.kind, starts, ends, batch_size):
+            run_with_oom_retry(run, rows, f"{model.name}, windows of {context + step:.1f} s")
     _log_throughput(model, len(times), len(audio), time.perf_counter() - t0, "batched")
     return times, out
 

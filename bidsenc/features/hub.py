@@ -12,7 +12,7 @@ import logging
 import os
 from pathlib import Path
 
-from ..errors import MissingInputError, UsageError
+from ..errors import MissingInputError, TemporaryFailure, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -135,3 +135,22 @@ def parse_layers(spec: str | None, n_layers: int) -> list[int]:
     if bad:
         raise UsageError(f"layers={spec!r}: the model has hidden states 0..{n_layers}; {bad} out of range")
     return sorted(set(chosen))
+
+
+def run_with_oom_retry(run, batch, what: str) -> None:
+    """``run(batch)``; on GPU out-of-memory, run its halves instead, down to one item."""
+    import torch
+
+    try:
+        run(batch)
+    except torch.cuda.OutOfMemoryError:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if len(batch) == 1:
+            raise TemporaryFailure(
+                f"GPU out of memory for a single item ({what}); free the GPU, lower the batch size,"
+                " use dtype=bfloat16, or spread the model with device_map=auto") from None
+        log.warning("GPU out of memory for a batch of %d: retrying in halves", len(batch))
+        half = len(batch) // 2
+        run_with_oom_retry(run, batch[:half], what)
+        run_with_oom_retry(run, batch[half:], what)

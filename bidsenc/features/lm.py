@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import DataError, UsageError
-from .hub import count_parameters, from_pretrained, model_fingerprint, resolve_dtype
+from .hub import count_parameters, from_pretrained, model_fingerprint, resolve_dtype, run_with_oom_retry
 
 log = logging.getLogger(__name__)
 
@@ -308,40 +308,43 @@ def extract_lm_features(lm: LanguageModel, stories: list[list[str]], *, layers: 
     device = next(lm.model.parameters()).device
     t0 = time.perf_counter()
     bar = _progress(len(windows), f"{lm.name}", progress)
+    def run(batch: list[int]) -> None:
+        width = max(lengths[i] for i in batch)
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        rows, cols, targets = [], [], []
+        for b, i in enumerate(batch):
+            w = windows[i]
+            tokens = tokenized[w.story]
+            t_start = tokens.word_first_token[w.start]
+            ids = np.concatenate([prefix, tokens.ids[t_start:tokens.word_last_token[w.end - 1] + 1], suffix])
+            input_ids[b, : len(ids)] = torch.from_numpy(ids)
+            mask[b, : len(ids)] = 1
+            out_words = np.arange(w.first_output, w.end)
+            rows.append(np.full(len(out_words), b))
+            cols.append(tokens.word_last_token[out_words] - t_start + len(prefix))
+            targets.append((w.story, out_words))
+        # Causal models need no padding mask: padding sits on the right, after every real
+        # token, so the causal mask already hides it; without a mask, attention takes its
+        # fused causal path. Encoders see both ways and need the mask.
+        attention = mask.to(device) if lm.is_encoder else None
+        out = lm.model(input_ids=input_ids.to(device), attention_mask=attention, output_hidden_states=True)
+        rows_t = torch.from_numpy(np.concatenate(rows)).to(device)
+        cols_t = torch.from_numpy(np.concatenate(cols)).to(device)
+        gathered = torch.stack([out.hidden_states[layer][rows_t, cols_t] for layer in layers])
+        gathered = gathered.float().cpu().numpy()
+        offset = 0
+        for story, out_words in targets:
+            for k, layer in enumerate(layers):
+                result.features[story][layer][out_words] = gathered[k, offset: offset + len(out_words)]
+            offset += len(out_words)
+        result.n_tokens += int(mask.sum())
+        result.n_passes += len(batch)
+        bar.update(len(batch))
+
     with torch.inference_mode():
         for batch in batches:
-            width = max(lengths[i] for i in batch)
-            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            rows, cols, targets = [], [], []
-            for b, i in enumerate(batch):
-                w = windows[i]
-                tokens = tokenized[w.story]
-                t_start = tokens.word_first_token[w.start]
-                ids = np.concatenate([prefix, tokens.ids[t_start:tokens.word_last_token[w.end - 1] + 1], suffix])
-                input_ids[b, : len(ids)] = torch.from_numpy(ids)
-                mask[b, : len(ids)] = 1
-                out_words = np.arange(w.first_output, w.end)
-                rows.append(np.full(len(out_words), b))
-                cols.append(tokens.word_last_token[out_words] - t_start + len(prefix))
-                targets.append((w.story, out_words))
-            # Causal models need no padding mask: padding sits on the right, after every real
-            # token, so the causal mask already hides it; without a mask, attention takes its
-            # fused causal path. Encoders see both ways and need the mask.
-            attention = mask.to(device) if lm.is_encoder else None
-            out = lm.model(input_ids=input_ids.to(device), attention_mask=attention, output_hidden_states=True)
-            rows_t = torch.from_numpy(np.concatenate(rows)).to(device)
-            cols_t = torch.from_numpy(np.concatenate(cols)).to(device)
-            gathered = torch.stack([out.hidden_states[layer][rows_t, cols_t] for layer in layers])
-            gathered = gathered.float().cpu().numpy()
-            offset = 0
-            for story, out_words in targets:
-                for k, layer in enumerate(layers):
-                    result.features[story][layer][out_words] = gathered[k, offset: offset + len(out_words)]
-                offset += len(out_words)
-            result.n_tokens += int(mask.sum())
-            result.n_passes += len(batch)
-            bar.update(len(batch))
+            run_with_oom_retry(run, batch, f"{lm.name}, windows of up to {max(lengths)} tokens")
     bar.close()
     result.seconds = time.perf_counter() - t0
     log.info("%s: %d words, %d windows, %d tokens in %.1f s (%.0f tokens/s) on %s", lm.name,

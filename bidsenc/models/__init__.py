@@ -1,0 +1,1 @@
+"""Model fitting and evaluation: arrays in, arrays out (no BIDS, no files)."""
