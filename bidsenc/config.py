@@ -106,11 +106,38 @@ class ExecutionConfig:
 
 
 @dataclass(frozen=True)
+class ModelConfig:
+    """How responses and features are aligned and the encoding models fitted and scored."""
+
+    #: "default" (delays/trims in seconds, within runs, story-wise CV) or "reference"
+    #: (Antonello et al. 2023: delays across stories, TR trims, bootstrap chunks, alpha grid).
+    preset: str = "default"
+    #: Stories for the test set (default: those heard more than once).
+    test_stories: tuple[str, ...] = ()
+    n_folds: int = 5
+    #: Alpha grid: "default" (logspace(-2, 8, 21) in himalaya's convention) or "reference".
+    alphas: str = "default"
+    #: Floor of CC_max (the reference uses 0.25); none by default.
+    ceiling_floor: float | None = None
+    #: Significance by circular shifts of the prediction against the test response.
+    n_permutations: int = 1000
+    fdr_q: float = 0.05
+    #: Response cleaning: "auto" (detrend fMRIPrep and raw data; not ds003020's cleaned files),
+    #: "detrend" or "none".
+    clean: str = "auto"
+    high_pass: float | None = None
+    lanczos_normalize: bool = False
+    #: Stack the best layer of every feature space (needs two spaces or more).
+    stacking: bool = True
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Every parameter of a run."""
 
     inputs: InputConfig
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+    models: ModelConfig = field(default_factory=ModelConfig)
     features: tuple[FeatureSpec, ...] = tuple(FeatureSpec.parse(s) for s in DEFAULT_FEATURES)
 
     @property
@@ -130,6 +157,7 @@ class RunConfig:
             {
                 "inputs": asdict(self.inputs),
                 "execution": asdict(self.execution),
+                "models": asdict(self.models),
                 "features": [f.to_dict() for f in self.features],
             }
         ))
@@ -150,28 +178,31 @@ def build_config(cli: dict, config_file: Path | None = None) -> RunConfig:
     config_file : Path, optional
         A TOML file with ``[inputs]``, ``[execution]`` and ``[[features]]``.
     """
-    merged: dict = {"inputs": {}, "execution": {}}
+    merged: dict = {"inputs": {}, "execution": {}, "models": {}}
     features = None
     if config_file is not None:
         file_values = read_toml(config_file)
-        unknown = set(file_values) - {"inputs", "execution", "features"}
+        unknown = set(file_values) - {"inputs", "execution", "models", "features"}
         if unknown:
             raise UsageError(
                 f"{config_file}: unknown section(s) {', '.join(sorted(unknown))}; "
-                "expected [inputs], [execution] and [[features]]"
+                "expected [inputs], [execution], [models] and [[features]]"
             )
-        for section in ("inputs", "execution"):
+        for section in ("inputs", "execution", "models"):
             merged[section].update(file_values.get(section, {}))
         if "features" in file_values:
             features = tuple(FeatureSpec.from_dict(d) for d in file_values["features"])
-    for section in ("inputs", "execution"):
+    for section in ("inputs", "execution", "models"):
         merged[section].update(cli.get(section, {}))
+    merged["execution"].setdefault("work_dir", "work")  # relative to where bidsenc was started
     if cli.get("features"):
         features = tuple(cli["features"])
 
     inputs = _make(InputConfig, merged["inputs"], "inputs")
     execution = _make(ExecutionConfig, merged["execution"], "execution")
-    cfg = RunConfig(inputs, execution) if features is None else RunConfig(inputs, execution, features)
+    models = _make(ModelConfig, merged["models"], "models")
+    cfg = RunConfig(inputs, execution, models) if features is None else RunConfig(inputs, execution, models,
+                                                                                  features)
     _validate(cfg)
     return cfg
 
@@ -234,7 +265,7 @@ def _make(cls, values: dict, section: str):
             value = Path(value).expanduser().absolute()
         elif key in ("participant_label",):
             value = parse_participant_labels([value] if isinstance(value, str) else value)
-        elif key in ("session_label", "task"):
+        elif key in ("session_label", "task", "test_stories"):
             value = tuple([value] if isinstance(value, str) else value)
         elif key == "mem_gb":
             value = parse_mem_gb(value)
@@ -287,6 +318,15 @@ def _validate(cfg: RunConfig) -> None:
             raise UsageError(f"--derivatives {name}={path}: folder does not exist")
     if not cfg.features:
         raise UsageError("no feature spaces configured; give at least one --feature")
+    m = cfg.models
+    if m.preset not in ("default", "reference"):
+        raise UsageError(f"--preset {m.preset!r}: choose default or reference")
+    if m.alphas not in ("default", "reference"):
+        raise UsageError(f"alphas {m.alphas!r}: choose default or reference")
+    if m.clean not in ("auto", "detrend", "none"):
+        raise UsageError(f"clean {m.clean!r}: choose auto, detrend or none")
+    if not isinstance(m.n_folds, int) or m.n_folds < 2:
+        raise UsageError(f"n_folds must be an integer of at least 2, got {m.n_folds!r}")
 
 
 def _plain(obj):

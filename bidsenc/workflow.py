@@ -26,10 +26,9 @@ def participant(cfg: RunConfig, dataset: Dataset, label: str, logs_dir: Path, ru
     spaces = extract_features(cfg, experiment.stories, device)
     atomic_write_text(run_dir / f"features-sub-{label}.json",
                       json.dumps([s.describe() for s in spaces], indent=2) + "\n")
-    # Alignment, model fitting and derivatives are the next steps of the pipeline
-    # (align -> models -> derivatives -> report).
-    log.warning("sub-%s: this version of bidsenc stops after feature extraction; model fitting is not "
-                "available yet", label)
+    from .fit import fit_participant
+
+    fit_participant(cfg, experiment, spaces, device, cfg.inputs.output_dir / f"sub-{label}")
 
 
 def features_only(cfg: RunConfig, dataset: Dataset, labels: list[str], run_dir: Path, device: str) -> None:

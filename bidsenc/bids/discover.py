@@ -295,6 +295,7 @@ def _discover_ds003020(dataset: Dataset, cfg: RunConfig, participant: str, bold_
             else:
                 bold = BoldSource("nifti", (path,))
                 n_volumes, trimmed = _n_volumes(bold), 0
+            trimmed_end = trimmed
             exp.runs.append(Run(
                 name=_run_name(path),
                 entities=_entities(path),
@@ -305,6 +306,7 @@ def _discover_ds003020(dataset: Dataset, cfg: RunConfig, participant: str, bold_
                 segments=(Segment(story_id, DS003020_SOUND_ONSET),),
                 events=None,
                 trimmed_start=trimmed,
+                trimmed_end=trimmed_end,
             ))
     exp.runs.sort(key=lambda r: r.name)
 

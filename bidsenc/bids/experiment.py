@@ -111,8 +111,9 @@ class Run:
     bold: BoldSource
     segments: tuple[Segment, ...]
     events: Path | None = None
-    #: Volumes the source already dropped at the start (ds003020 hdf5: 10).
+    #: Volumes the source already dropped at the start and end (ds003020 hdf5: 10 and 10).
     trimmed_start: int = 0
+    trimmed_end: int = 0
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,7 @@ class Experiment:
                     "n_volumes": r.n_volumes,
                     "slice_time_ref": r.slice_time_ref,
                     "trimmed_start": r.trimmed_start,
+                    "trimmed_end": r.trimmed_end,
                     "bold": {
                         "kind": r.bold.kind,
                         "paths": [str(p) for p in r.bold.paths],

@@ -75,6 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--allow-download", action="store_true",
                    help="let models be downloaded from the Hugging Face hub (off: local files only)")
 
+    g = parser.add_argument_group("encoding models")
+    g.add_argument("--preset", choices=("default", "reference"),
+                   help="'reference' reproduces Antonello et al. (2023): delays across stories, TR trims, "
+                   "their alpha grid and ceiling floor (default: default)")
+    g.add_argument("--test-stories", nargs="+", metavar="STORY",
+                   help="stories to test on (default: those heard more than once)")
+    g.add_argument("--n-permutations", type=int, metavar="N",
+                   help="circular shifts for the per-voxel p-values (default: 1000)")
+
     g = parser.add_argument_group("execution")
     g.add_argument("-w", "--work-dir", type=Path, metavar="DIR", help="scratch folder (default: ./work)")
     g.add_argument("--bids-database-dir", type=Path, metavar="DIR",

@@ -146,7 +146,7 @@ def _compute_audio(spec, options, stories: list[Story], todo: list[Request], lay
     for req, story in zip(todo, stories, strict=True):
         audio, _ = load_audio(story.audio)
         times, feats = extract_audio_features(model, audio, layers=layers,
-                                              batch_size=options.get("batch_size", 32), progress=progress)
+                                              batch_size=options.get("batch_size"), progress=progress)
         yield req, times, feats, {"model": info, "params": _extraction_params(spec, options), "unit": "window",
                                   "time": "window end, s from the audio's start"}
 

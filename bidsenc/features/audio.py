@@ -653,7 +653,7 @@ def _progress(total: int, enabled: bool, name: str):
         return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="win", desc=f"audio features {name}", leave=False)
+    return tqdm(total=total, unit="win", desc=f"audio features {name}", leave=False, disable=None)
 
 
 def _log_throughput(model: AudioModel, n_windows: int, n_samples: int, seconds: float, how: str) -> None:

@@ -420,7 +420,7 @@ def _progress(total: int, desc: str, enabled: bool):
         return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="window", leave=False)
+    return tqdm(total=total, desc=desc, unit="window", leave=False, disable=None)  # off when not a terminal
 
 
 def extract_lm_features_reference_loop(lm: LanguageModel, words: list[str], *, layers: list[int]) -> dict:

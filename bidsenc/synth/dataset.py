@@ -36,6 +36,9 @@ TIMING_FORMATS = ("textgrid", "gentle", "table")
 EMBEDDING_DIM = 6
 DRIVEN_FRACTION = 0.75
 TAIL_SECONDS = 16.0
+#: The true ceiling is defined over the test run without its first 100 s and last 10 s,
+#: the volumes on which test scores are computed (both presets of bidsenc trim so).
+CEILING_TRIM_S = (100.0, 10.0)
 SESSIONS = {
     "1": ["localizer", *TRAIN_STORIES[:4], (TEST_STORY, 1)],
     "2": [*TRAIN_STORIES[4:], (TEST_STORY, 2), (TEST_STORY, 3)],
@@ -115,7 +118,7 @@ def make_demo(directory: Path, seed: int = 0, n_participants: int = 2, with_mode
             "signal": "unit variance per driven voxel over all story volumes",
             "noise": "white Gaussian, sd = 1/snr, independent per run; plus slow drift (sd 0.3/snr)",
             "ceiling": "true CC_max of the mean of the test repeats: sqrt(var_s / (var_s + sd_noise^2 / N)) "
-                       "over the test story's volumes (drift excluded)",
+                       "over the test run's volumes without its first 100 s and last 10 s (drift excluded)",
             "percent_signal_change": 1.0,
         },
     }
@@ -125,6 +128,9 @@ def make_demo(directory: Path, seed: int = 0, n_participants: int = 2, with_mode
     for p in truth["participants"]:
         truth["subjects"][p] = _simulate_participant(ds, directory / "truth", p, stories, embedding, mask,
                                                      affine, np.random.default_rng([seed, int(p)]))
+    np.savez(directory / "truth" / "word_embedding.npz", words=np.array(vocabulary),
+             vectors=np.stack([embedding[w] for w in vocabulary]))
+    truth["word_embedding"] = "truth/word_embedding.npz"
     _atomic_json(directory / "truth.json", truth)
     if with_models:
         from .models import make_demo_models
@@ -279,10 +285,10 @@ def _simulate_participant(ds: Path, truth_dir: Path, label: str, stories: dict, 
         img.header["pixdim"][4] = TR
         nib.save(img, func / f"{run_name}_bold.nii.gz")
 
-    # true ceiling of the mean of N repeats, over the test story's volumes
-    onset = AUDIO_ONSET.get(TEST_STORY, 10.0)
-    story_vols = slice(int(onset // TR), int((onset + stories[TEST_STORY].duration) // TR))
-    var_s = test_signal[story_vols].var(0)
+    # true ceiling of the mean of N repeats, over the volumes a test is scored on: all but the
+    # first 100 s (language-model context start-up) and the last 10 s of the run
+    scored = slice(int(CEILING_TRIM_S[0] / TR), test_signal.shape[0] - int(CEILING_TRIM_S[1] / TR))
+    var_s = test_signal[scored].var(0)
     ceiling = np.sqrt(var_s / (var_s + noise_sd**2 / N_TEST_REPEATS))
     prefix = truth_dir / f"sub-{label}"
     nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine), f"{prefix}_mask.nii.gz")

@@ -1,0 +1,184 @@
+"""From stimulus time to scan time: Lanczos resampling, FIR delays, trims, z-scoring.
+
+For each run, every story segment's features (one row per word or audio window,
+times relative to the audio's start) are resampled with a Lanczos kernel to the
+times at which the run's volumes were sampled, summed over segments, delayed,
+trimmed and z-scored. Responses are cleaned and z-scored per run. Arrays in,
+arrays out: nothing here knows models or files.
+
+Two presets:
+
+``default``
+    delays in seconds (every whole number of TRs from 2 s to 8 s), applied to each
+    untrimmed run with zero padding at its start, so delays never cross runs and the
+    trimmed volumes still feed the delayed copies; trims in seconds (20 s / 10 s on
+    training runs, 100 s / 10 s on test runs).
+``reference``
+    Antonello et al. (2023): delays of 1-4 TRs applied after the trimmed stories are
+    concatenated (so they cross story boundaries); trims of 10/5 TRs (training) and
+    50/5 TRs (test).
+
+Trims count from the first and last volume the scanner acquired, also for sources
+that already dropped some (ds003020's preprocessed files lack 10 TRs at each end).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..bids.experiment import Run
+from ..errors import DataError
+
+
+@dataclass(frozen=True)
+class AlignSettings:
+    """How features and responses are put on a common time base."""
+
+    preset: str = "default"
+    delays_s: tuple[float, float] = (2.0, 8.0)
+    trim_train_s: tuple[float, float] = (20.0, 10.0)
+    trim_test_s: tuple[float, float] = (100.0, 10.0)
+    lanczos_window: int = 3
+    lanczos_normalize: bool = False
+
+    #: the reference preset, in TRs
+    REFERENCE_DELAYS = (1, 2, 3, 4)
+    REFERENCE_TRIM_TRAIN = (10, 5)
+    REFERENCE_TRIM_TEST = (50, 5)
+
+    def delay_trs(self, tr: float) -> list[int]:
+        if self.preset == "reference":
+            return list(self.REFERENCE_DELAYS)
+        lo, hi = self.delays_s
+        return list(range(max(1, math.ceil(lo / tr - 1e-6)), math.floor(hi / tr + 1e-6) + 1))
+
+    def trim_trs(self, tr: float, test: bool) -> tuple[int, int]:
+        if self.preset == "reference":
+            return self.REFERENCE_TRIM_TEST if test else self.REFERENCE_TRIM_TRAIN
+        start, end = self.trim_test_s if test else self.trim_train_s
+        return math.ceil(start / tr - 1e-6), math.ceil(end / tr - 1e-6)
+
+
+# --------------------------------------------------------------------------- Lanczos
+
+def lanczos_kernel(t: np.ndarray, window: int = 3) -> np.ndarray:
+    """``w(t) = a sin(pi t) sin(pi t / a) / (pi^2 t^2)``, 1 at 0, 0 beyond ``|t| > a``.
+
+    ``t`` is in units of the cutoff period. Note the factor ``a`` (the reference's
+    convention; the kernel's peak is 1 all the same since ``w(0)`` is set to 1).
+    """
+    t = np.asarray(t, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        val = window * np.sin(np.pi * t) * np.sin(np.pi * t / window) / (np.pi**2 * t**2)
+    val[t == 0] = 1.0
+    val[np.abs(t) > window] = 0.0
+    return val
+
+
+def lanczos_resample(values: np.ndarray, old_times: np.ndarray, new_times: np.ndarray, *, window: int = 3,
+                     cutoff: float | None = None, normalize: bool = False) -> np.ndarray:
+    """Resample rows of ``values`` at ``old_times`` to ``new_times`` with a Lanczos kernel.
+
+    ``cutoff`` defaults to the new sampling rate (1 / mean spacing of ``new_times``).
+    Unnormalised (the reference): each new sample is a kernel-weighted *sum* of the
+    rows near it, so the result carries the event rate (words per TR).
+    ``normalize=True`` divides by the sum of weights instead (a weighted mean).
+    """
+    values = np.asarray(values)
+    old_times = np.asarray(old_times, dtype=np.float64)
+    new_times = np.asarray(new_times, dtype=np.float64)
+    if cutoff is None:
+        cutoff = 1.0 / np.mean(np.diff(new_times))
+    out = np.zeros((len(new_times), values.shape[1]), dtype=np.float64)
+    if len(old_times) == 0:
+        return out
+    # only rows within the kernel's support contribute: process a band at a time
+    order = np.argsort(old_times, kind="stable")
+    old_sorted, vals_sorted = old_times[order], values[order]
+    reach = window / cutoff
+    lo = np.searchsorted(old_sorted, new_times - reach, side="left")
+    hi = np.searchsorted(old_sorted, new_times + reach, side="right")
+    for start in range(0, len(new_times), 256):
+        stop = min(start + 256, len(new_times))
+        a, b = lo[start:stop].min(), hi[start:stop].max()
+        if a >= b:
+            continue
+        weights = lanczos_kernel((new_times[start:stop, None] - old_sorted[None, a:b]) * cutoff, window)
+        if normalize:
+            totals = weights.sum(1, keepdims=True)
+            weights = np.divide(weights, totals, out=np.zeros_like(weights), where=totals != 0)
+        out[start:stop] = weights @ vals_sorted[a:b].astype(np.float64)
+    return out
+
+
+# --------------------------------------------------------------------------- runs
+
+def volume_times(run: Run) -> np.ndarray:
+    """Sampling time (s after the first acquired volume started) of each volume up to the run's last row."""
+    n = run.trimmed_start + run.n_volumes
+    return np.arange(n) * run.tr + run.slice_time_ref
+
+
+def run_features(run: Run, story_features: dict, settings: AlignSettings) -> np.ndarray:
+    """The run's stimulus features on its volume grid, from volume 0 of the acquisition.
+
+    ``story_features`` maps story id to ``(times, values)`` with times relative to the
+    audio's start; each segment is shifted by its onset in the run.
+    """
+    grid = volume_times(run)
+    total = None
+    for seg in run.segments:
+        times, values = story_features[seg.story_id]
+        x = lanczos_resample(values, np.asarray(times) + seg.onset, grid, window=settings.lanczos_window,
+                             cutoff=1.0 / run.tr, normalize=settings.lanczos_normalize)
+        total = x if total is None else total + x
+    return total
+
+
+def delay(x: np.ndarray, delays: list[int]) -> np.ndarray:
+    """FIR copies ``x[t - d]`` side by side for each delay ``d`` (TRs), zeros before the start."""
+    n, p = x.shape
+    out = np.zeros((n, p * len(delays)), dtype=x.dtype)
+    for k, d in enumerate(delays):
+        if d < n:
+            out[d:, k * p:(k + 1) * p] = x[: n - d] if d > 0 else x
+    return out
+
+
+def kept_rows(run: Run, settings: AlignSettings, test: bool) -> np.ndarray:
+    """Indices of the run's response rows that survive trimming."""
+    start, end = settings.trim_trs(run.tr, test)
+    absolute = np.arange(run.n_volumes) + run.trimmed_start
+    last = run.trimmed_start + run.n_volumes + run.trimmed_end - 1
+    keep = (absolute >= start) & (absolute <= last - end)
+    if not keep.any():
+        raise DataError(f"{run.name}: trimming {start} and {end} TRs leaves no volume of its {run.n_volumes}")
+    return np.flatnonzero(keep)
+
+
+def zscore(x: np.ndarray) -> np.ndarray:
+    """Columns to zero mean and unit variance (ddof 0); constant columns become 0."""
+    x = np.asarray(x, dtype=np.float64)
+    sd = x.std(0)
+    return np.divide(x - x.mean(0), sd, out=np.zeros_like(x), where=sd > 0)
+
+
+def run_design(run: Run, story_features: dict, settings: AlignSettings, test: bool) -> np.ndarray:
+    """Delayed, trimmed, z-scored features of one run (default preset), aligned to its kept rows."""
+    x = run_features(run, story_features, settings)
+    rows = kept_rows(run, settings, test) + run.trimmed_start
+    if settings.preset == "reference":
+        return zscore(x[rows])  # delays are applied after concatenation
+    return zscore(delay(x, settings.delay_trs(run.tr))[rows])
+
+
+def delay_concatenated(blocks: list[np.ndarray], settings: AlignSettings, tr: float) -> np.ndarray:
+    """Reference preset: concatenate the trimmed stories, then delay across their boundaries."""
+    return delay(np.vstack(blocks), settings.delay_trs(tr))
+
+
+__all__ = ["AlignSettings", "delay", "delay_concatenated", "kept_rows", "lanczos_kernel", "lanczos_resample",
+           "run_design", "run_features", "volume_times", "zscore"]

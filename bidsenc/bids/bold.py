@@ -1,0 +1,146 @@
+"""Loading a participant's BOLD responses into time x voxel arrays, and their space.
+
+A :class:`Space` puts a voxel vector back where it came from: a NIfTI volume
+(affine + brain mask), a pair of GIfTI hemispheres, or the voxel order of the
+ds003020 preprocessed files. All runs of a participant share one space (one
+mask), so their columns line up.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError, MissingInputError
+from .experiment import BoldSource, Run
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Space:
+    """Where the columns of a response matrix live.
+
+    ``kind`` is ``"volume"`` (``mask`` is a 3D boolean array, ``affine`` its
+    voxel-to-world matrix), ``"surface"`` (``n_vertices`` per hemisphere, left then
+    right) or ``"index"`` (columns as stored, e.g. ds003020 cortical voxels).
+    """
+
+    kind: str
+    n_voxels: int
+    name: str | None = None
+    mask: np.ndarray | None = None
+    affine: np.ndarray | None = None
+    n_vertices: tuple[int, int] | None = None
+    mask_source: str = ""
+
+    def to_volume(self, values: np.ndarray) -> np.ndarray:
+        """A 3D (or 4D for 2D ``values``) array with ``values`` inside the mask and 0 outside."""
+        if self.kind != "volume":
+            raise ValueError(f"a {self.kind} space has no volume")
+        out = np.zeros(self.mask.shape + values.shape[1:], dtype=np.float32)
+        out[self.mask] = values
+        return out
+
+
+def load_responses(runs: list[Run], mask_path: Path | None = None) -> tuple[list[np.ndarray], Space]:
+    """Read every run's responses as float32 ``[n_volumes, n_voxels]`` in one shared space.
+
+    For volumes, the mask is the runs' own brain mask when given (fMRIPrep), else one
+    computed from the EPI images with nilearn (``compute_multi_epi_mask``); the
+    columns are the voxels inside it.
+    """
+    kinds = {run.bold.kind for run in runs}
+    if len(kinds) != 1:
+        raise DataError(f"a participant's runs mix BOLD kinds ({', '.join(sorted(kinds))}); select one space")
+    kind = kinds.pop()
+    if kind == "nifti":
+        return _load_nifti(runs, mask_path)
+    if kind == "gifti":
+        return _load_gifti(runs)
+    return _load_hdf5(runs)
+
+
+def _load_nifti(runs: list[Run], mask_path: Path | None) -> tuple[list[np.ndarray], Space]:
+    import nibabel as nib
+    from nilearn.masking import compute_multi_epi_mask
+
+    paths = [run.bold.paths[0] for run in runs]
+    imgs = [_nib_load(p) for p in paths]
+    masks = {run.bold.mask for run in runs if run.bold.mask is not None}
+    if mask_path is not None:
+        masks = {mask_path}
+    if masks:
+        mask_imgs = [_nib_load(m) for m in sorted(masks)]
+        mask = np.logical_and.reduce([np.asarray(m.dataobj) > 0 for m in mask_imgs])
+        source = ", ".join(p.name for p in sorted(masks))
+        if len(masks) > 1:
+            source = f"intersection of {len(masks)} run masks"
+    else:
+        mask = np.asarray(compute_multi_epi_mask(imgs).dataobj) > 0
+        source = "computed from the EPI with nilearn compute_multi_epi_mask"
+        log.info("brain mask %s: %d voxels", source, int(mask.sum()))
+    shape3d = imgs[0].shape[:3]
+    if mask.shape != shape3d:
+        raise DataError(f"brain mask shape {mask.shape} differs from the BOLD grid {shape3d}")
+    responses = []
+    for path, img in zip(paths, imgs, strict=True):
+        if img.shape[:3] != shape3d or not np.allclose(img.affine, imgs[0].affine, atol=1e-3):
+            raise DataError(f"{path.name}: its voxel grid differs from {paths[0].name}; runs of one "
+                            "participant must share a space (use fMRIPrep outputs in one --space)")
+        data = np.asarray(img.dataobj, dtype=np.float32)
+        responses.append(np.ascontiguousarray(data[mask].T))
+    space = Space("volume", int(mask.sum()), runs[0].bold.space, mask=mask, affine=imgs[0].affine,
+                  mask_source=source)
+    return responses, space
+
+
+def _load_gifti(runs: list[Run]) -> tuple[list[np.ndarray], Space]:
+    responses, sizes = [], None
+    for run in runs:
+        hemis = [np.column_stack([d.data for d in _nib_load(p).darrays]).astype(np.float32) for p in run.bold.paths]
+        shape = tuple(h.shape[0] for h in hemis)
+        if sizes is not None and shape != sizes:
+            raise DataError(f"{run.name}: hemispheres have {shape} vertices, earlier runs {sizes}")
+        sizes = shape
+        responses.append(np.ascontiguousarray(np.vstack(hemis).T))
+    return responses, Space("surface", int(sum(sizes)), runs[0].bold.space, n_vertices=sizes,
+                            mask_source="all vertices")
+
+
+def _load_hdf5(runs: list[Run]) -> tuple[list[np.ndarray], Space]:
+    import h5py
+
+    responses = []
+    for run in runs:
+        path = run.bold.paths[0]
+        try:
+            with h5py.File(path, "r") as fh:
+                data = fh[run.bold.key]
+                y = data[run.bold.repeat] if run.bold.repeat is not None else data[:]
+        except OSError as err:
+            raise DataError(f"{path}: cannot read {run.bold.key} ({err})") from None
+        responses.append(np.asarray(y, dtype=np.float32))
+    widths = {y.shape[1] for y in responses}
+    if len(widths) != 1:
+        raise DataError(f"the preprocessed responses of {runs[0].entities.get('sub')} differ in voxel count "
+                        f"({sorted(widths)})")
+    return responses, Space("index", widths.pop(), "ds003020 cortical voxels",
+                            mask_source="ds003020 preprocessed_data voxel order")
+
+
+def _nib_load(path: Path):
+    import nibabel as nib
+
+    try:
+        return nib.load(path)
+    except FileNotFoundError:
+        raise MissingInputError(f"{path} is missing") from None
+    except Exception as err:  # nibabel raises many types for corrupt files
+        raise DataError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
+
+
+__all__ = ["Space", "load_responses", "BoldSource"]

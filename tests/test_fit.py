@@ -1,0 +1,105 @@
+"""Encoding models on the demo data, against the generator's ground truth."""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy.stats import kstest
+
+from bidsenc.bids.discover import discover, open_dataset
+from bidsenc.cli.run import configure
+from bidsenc.fit import fit_participant
+from bidsenc.models.stats import fdr_bh
+
+
+class OracleSpace:
+    """The simulator's own word features (rate, length, embedding) as a feature space."""
+
+    name = "oracle"
+    layers = [0]
+
+    def __init__(self, root, stories):
+        emb = np.load(root / "truth" / "word_embedding.npz", allow_pickle=False)
+        table = dict(zip(emb["words"].tolist(), emb["vectors"], strict=True))
+        self.features = {}
+        for sid, story in stories.items():
+            words = story.words.without_non_words()
+            x = np.array([[1.0, len(w), *table[w]] for w in words.words])
+            self.features[sid] = SimpleNamespace(times=words.midpoints, layers={0: x}, info={})
+
+    def load(self, sid):
+        return self.features[sid]
+
+    def describe(self):
+        return {"name": self.name}
+
+
+def _fit(demo, tmp_path, shift=0.0, label="01"):
+    root, truth = demo
+    cfg = configure([str(root / "ds"), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "w"),
+                     "--n-permutations", "500"])
+    exp = discover(open_dataset(cfg), cfg, label)
+    if shift:
+        exp.runs = [dataclasses.replace(r, segments=tuple(dataclasses.replace(s, onset=s.onset + shift)
+                                                         for s in r.segments)) for r in exp.runs]
+    out = tmp_path / "out" / f"sub-{label}"
+    fit_participant(cfg, exp, [OracleSpace(root, exp.stories)], "cpu", out)
+    enc = out / "encoding"
+    result = np.load(enc / "oracle.npz", allow_pickle=False)
+    space = np.load(enc / "space.npz", allow_pickle=False)
+    ceiling = np.load(enc / "ceiling.npz", allow_pickle=False)["cc_max"]
+    # put the truth (in its own mask's voxel order) on bidsenc's voxels
+    subject = truth["subjects"][label]
+    true_mask = nib.load(root / subject["arrays"]["mask"]).get_fdata() > 0
+    on_grid = {}
+    for key in ("ceiling", "driven"):
+        vol = np.full(true_mask.shape, np.nan)
+        vol[true_mask] = np.load(root / subject["arrays"][key], allow_pickle=False)
+        on_grid[key] = vol[space["mask"]]
+    inside = np.isfinite(on_grid["ceiling"])
+    return result, ceiling, on_grid, inside
+
+
+@pytest.fixture(scope="module")
+def fitted(demo, tmp_path_factory):
+    return _fit(demo, tmp_path_factory.mktemp("fit"))
+
+
+def test_test_r_reaches_the_true_ceiling(fitted):
+    result, _, truth, inside = fitted
+    r = result["stats"][0, :, 0]
+    driven = inside & (truth["driven"] == 1) & (truth["ceiling"] > 0.2)
+    ratio = np.median(r[driven] / truth["ceiling"][driven])
+    assert ratio >= 0.7, ratio
+    assert result["best_layer"] == 0 and list(result["stat_names"]) == ["r", "r2", "cc_norm", "alpha", "cv_score"]
+
+
+def test_shifted_onsets_collapse_the_fit(demo, tmp_path):
+    result, _, truth, inside = _fit(demo, tmp_path, shift=10.0)
+    r = result["stats"][0, :, 0]
+    driven = inside & (truth["driven"] == 1) & (truth["ceiling"] > 0.2)
+    assert np.median(r[driven] / truth["ceiling"][driven]) < 0.3
+
+
+def test_noise_voxels_have_uniform_pvalues(fitted):
+    result, _, truth, inside = fitted
+    noise = inside & (truth["driven"] == 0)
+    assert noise.sum() > 300
+    p = result["pvalue"][noise]
+    assert kstest(p, "uniform").pvalue > 0.01
+    assert fdr_bh(p, q=0.05).sum() <= 3  # on pure noise, FDR finds at most a few
+    # over all voxels, the share of false discoveries stays near q
+    found = result["fdr"] & inside
+    assert (found & (truth["driven"] == 0)).sum() / found.sum() <= 0.06
+    driven = inside & (truth["driven"] == 1) & (truth["ceiling"] > 0.5)
+    assert result["fdr"][driven].mean() > 0.9
+
+
+def test_ceiling_estimate_matches_truth(fitted):
+    _, ceiling, truth, inside = fitted
+    driven = inside & (truth["driven"] == 1)
+    assert abs(np.mean(ceiling[driven] - truth["ceiling"][driven])) < 0.05
