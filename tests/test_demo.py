@@ -12,6 +12,7 @@ def test_demo_command(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "matches truth.json" in proc.stdout
+    assert proc.stdout.count("mean test r") == 2 * 6  # 2 participants x (5 models + stacking)
     root = tmp_path / "demo"
     truth = json.loads((root / "truth.json").read_text())
     for label in truth["participants"]:

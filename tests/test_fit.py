@@ -38,10 +38,10 @@ class OracleSpace:
         return {"name": self.name}
 
 
-def _fit(demo, tmp_path, shift=0.0, label="01"):
+def _fit(demo, tmp_path, shift=0.0, label="01", *extra):
     root, truth = demo
     cfg = configure([str(root / "ds"), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "w"),
-                     "--n-permutations", "500"])
+                     "--n-permutations", "500", *extra])
     exp = discover(open_dataset(cfg), cfg, label)
     if shift:
         exp.runs = [dataclasses.replace(r, segments=tuple(dataclasses.replace(s, onset=s.onset + shift)
@@ -103,3 +103,14 @@ def test_ceiling_estimate_matches_truth(fitted):
     _, ceiling, truth, inside = fitted
     driven = inside & (truth["driven"] == 1)
     assert abs(np.mean(ceiling[driven] - truth["ceiling"][driven])) < 0.05
+
+
+def test_reference_preset_runs_and_fits(demo, tmp_path):
+    result, ceiling, truth, inside = _fit(demo, tmp_path, 0.0, "01", "--preset", "reference")
+    r = result["stats"][0, :, 0]
+    driven = inside & (truth["driven"] == 1) & (truth["ceiling"] > 0.2)
+    assert np.median(r[driven] / truth["ceiling"][driven]) >= 0.6
+    alphas = result["stats"][0, :, 3]
+    grid = np.logspace(1, 4, 15) ** 2  # the reference grid, in the alpha-squared convention
+    assert np.isclose(alphas[:, None], grid[None], rtol=1e-5).any(1).all()
+    assert ceiling.min() >= 0.25  # the reference floors CC_max

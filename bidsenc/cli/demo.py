@@ -48,6 +48,22 @@ def compare_with_truth(truth: dict, logs_dir: Path) -> list[str]:
     return problems
 
 
+def print_scores(out: Path, truth: dict) -> None:
+    """Per participant and model: the best layer's mean test r and fraction of the noise ceiling."""
+    import pandas as pd
+
+    for label in truth["subjects"]:
+        path = out / f"sub-{label}" / "encoding" / "summary.tsv"
+        if not path.is_file():
+            continue
+        table = pd.read_csv(path, sep="\t")
+        best = table[table["best"]]
+        print(f"bidsenc-demo: sub-{label}, best layer of each model (chosen by cross-validated training score):")
+        for row in best.itertuples():
+            print(f"    {row.model:<40} layer {row.layer!s:>4}  mean test r {row.mean_r:6.3f}  "
+                  f"fraction of ceiling {row.fraction_of_ceiling:5.2f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     from ..synth import make_demo
     from .run import main as bidsenc_main
@@ -71,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     n_runs = sum(len(s["runs"]) for s in truth["subjects"].values())
     print(f"bidsenc-demo: discovery of {len(truth['subjects'])} participants, {n_runs} story runs and "
           f"{len(truth['stories'])} stories " + ("matches truth.json" if not problems else "DIFFERS from truth.json"))
+    print_scores(directory / "out", truth)
     print(f"bidsenc-demo: outputs in {directory / 'out'}")
     return 1 if problems else 0
 
