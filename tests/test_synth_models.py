@@ -235,7 +235,7 @@ def test_weights_deterministic_per_seed(tmp_path, offline):
     a = sm.make_demo_models(tmp_path / "a", texts, seed=0)
     b = sm.make_demo_models(tmp_path / "b", texts, seed=0)
     c = sm.make_demo_models(tmp_path / "c", texts, seed=1)
-    assert a == json.loads((tmp_path / "a" / "models.json").read_text())
+    assert a == json.loads((tmp_path / "a" / "models.json").read_text()) == b
     assert [m["n_parameters"] for m in a["models"]] == [m["n_parameters"] for m in c["models"]]
     for name in ALL_NAMES:
         ha, hb = _file_hashes(tmp_path / "a" / name), _file_hashes(tmp_path / "b" / name)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError, MissingInputError
-from .experiment import BoldSource, Run
+from .experiment import Run
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,6 @@ def load_responses(runs: list[Run], mask_path: Path | None = None) -> tuple[list
 
 
 def _load_nifti(runs: list[Run], mask_path: Path | None) -> tuple[list[np.ndarray], Space]:
-    import nibabel as nib
     from nilearn.masking import compute_multi_epi_mask
 
     paths = [run.bold.paths[0] for run in runs]
@@ -143,4 +142,4 @@ def _nib_load(path: Path):
         raise DataError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
 
 
-__all__ = ["Space", "load_responses", "BoldSource"]
+__all__ = ["Space", "load_responses"]

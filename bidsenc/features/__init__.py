@@ -13,8 +13,6 @@ import json
 import logging
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from ..bids.experiment import Story
 from ..config import FeatureSpec
 from ..errors import MissingInputError, UsageError
@@ -212,10 +210,4 @@ def _n_layers(config, kind: str) -> int:
     return int(config.get_text_config().num_hidden_layers)
 
 
-def story_times_and_layer(space: FeatureSpace, story_id: str, layer: int) -> tuple[np.ndarray, np.ndarray]:
-    """Convenience: one story's times and one layer's features (float16 memmap)."""
-    stored = space.load(story_id)
-    return stored.times, stored.layers[layer]
-
-
-__all__ = ["FeatureSpace", "extract", "story_times_and_layer"]
+__all__ = ["FeatureSpace", "extract"]

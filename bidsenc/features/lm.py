@@ -96,7 +96,6 @@ def load_language_model(name: str, *, device: str = "cpu", dtype: str | None = "
                         allow_download: bool = False, revision: str | None = None,
                         device_map: str | None = None) -> LanguageModel:
     """Load a causal or encoder language model and its fast tokenizer."""
-    import torch
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     config = from_pretrained(AutoConfig, name, allow_download=allow_download, revision=revision)
