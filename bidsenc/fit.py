@@ -28,6 +28,7 @@ from .models.encoding import (
     LAYER_STATS,
     alpha_grid,
     evaluate_layer,
+    evaluate_layer_outer,
     noise_ceiling,
     out_of_fold_predictions,
     select_best_layer,
@@ -44,30 +45,33 @@ def fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, device
     reference = m.preset == "reference"
     settings = AlignSettings(preset=m.preset, lanczos_normalize=m.lanczos_normalize)
     t0 = time.perf_counter()
+    seed = cfg.execution.random_seed
     test_stories = list(m.test_stories) or experiment.repeated_stories
-    if not test_stories:
-        log.warning("sub-%s: no story was heard twice and none was named with --test-stories: encoding models "
-                    "are not fitted (scoring without a repeated test story, by an outer leave-stories-out "
-                    "loop, is not available yet)", experiment.participant)
-        return {}
+    outer = not test_stories
+    if outer:
+        log.warning("sub-%s: no story was heard twice and none was named with --test-stories: scores come from "
+                    "an outer leave-stories-out loop (contiguous blocks for a single story); no noise ceiling",
+                    experiment.participant)
     responses, space = load_responses(experiment.runs)
     detrend = m.clean == "detrend" or (m.clean == "auto" and experiment.runs[0].bold.kind != "hdf5")
     resp = split_responses(experiment.runs, responses, test_stories, settings, detrend=detrend,
                            high_pass=m.high_pass)
-    if resp.test is None:
+    if resp.test is None and not outer:
         raise DataError(f"sub-{experiment.participant}: none of the test stories {test_stories} was heard")
     if not resp.valid.any():
         raise DataError(f"sub-{experiment.participant}: every voxel is constant or not finite in some run")
-    ceiling = noise_ceiling(resp.test_repeats, floor=0.25 if reference else m.ceiling_floor)
-    folds = (bootstrap_chunks(len(resp.train), seed=cfg.execution.random_seed) if reference
-             else leave_stories_out(resp.train_groups, m.n_folds, seed=cfg.execution.random_seed))
+    ceiling = None if outer else noise_ceiling(resp.test_repeats, floor=0.25 if reference else m.ceiling_floor)
+    folds = (bootstrap_chunks(len(resp.train), seed=seed) if reference
+             else leave_stories_out(resp.train_groups, m.n_folds, seed=seed))
     alphas = alpha_grid("reference" if reference else m.alphas)
     valid = resp.valid
-    y_train, y_test = resp.train[:, valid], resp.test[:, valid]
+    y_train = resp.train[:, valid]
+    y_test = y_train if outer else resp.test[:, valid]
     ceil_v = ceiling[valid] if ceiling is not None else None
-    log.info("sub-%s: %d training volumes from %d stories, %d test volumes (%d repeats of %s), %d voxels "
-             "(%d constant or non-finite left out); %d folds", experiment.participant, len(y_train),
-             len(resp.story_names), len(y_test), len(resp.test_repeats), ", ".join(test_stories),
+    log.info("sub-%s: %d training volumes from %d stories, %s, %d voxels (%d constant or non-finite left "
+             "out); %d folds", experiment.participant, len(y_train), len(resp.story_names),
+             "scored by outer cross-validation" if outer else
+             f"{len(y_test)} test volumes ({len(resp.test_repeats)} repeats of {', '.join(test_stories)})",
              int(valid.sum()), int((~valid).sum()), len(folds))
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -82,12 +86,18 @@ def fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, device
                 stored = fs.load(sid)
                 story_features[sid] = (stored.times, np.asarray(stored.layers[layer], dtype=np.float32))
             x_train, x_test = features_for(resp, story_features, settings)
-            fit = evaluate_layer(layer, x_train, y_train, x_test, y_test, folds, alphas, device=device,
-                                 mem_gb=cfg.execution.mem_gb)
+            if outer:
+                fit = evaluate_layer_outer(layer, x_train, y_train, resp.train_groups, folds, alphas,
+                                           n_inner=m.n_folds, seed=seed, device=device,
+                                           mem_gb=cfg.execution.mem_gb)
+            else:
+                fit = evaluate_layer(layer, x_train, y_train, x_test, y_test, folds, alphas, device=device,
+                                     mem_gb=cfg.execution.mem_gb)
             fits.append(fit)
             rows.append(_summary_row(fs, fit, ceil_v))
         chosen = select_best_layer(fits)
-        pvalues, discoveries = significance(chosen.predictions, y_test, n_permutations=m.n_permutations,
+        scored = _held_out(y_train, folds) if outer else y_test
+        pvalues, discoveries = significance(chosen.predictions, scored, n_permutations=m.n_permutations,
                                             q=m.fdr_q, seed=cfg.execution.random_seed)
         best[fs.name] = (fs, chosen)
         _save_space(enc_dir / f"{fs.name}.npz", fs, fits, chosen, pvalues, discoveries, valid, ceil_v)
@@ -97,7 +107,7 @@ def fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, device
 
     summary = pd.DataFrame(rows)
     stacked = None
-    if m.stacking and len(best) >= 2 and not reference:
+    if m.stacking and len(best) >= 2 and not reference and not outer:
         stacked = _stack(best, resp, settings, folds, y_train, y_test, alphas, device, cfg, experiment)
         np.savez(buf := io.BytesIO(), weights=stacked.weights, r=stacked.test_r, r2=stacked.test_r2,
                  names=np.array(stacked.names), valid=valid)
@@ -124,12 +134,21 @@ def fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, device
         "space": space.kind, "space_name": space.name, "mask": space.mask_source, "n_voxels": space.n_voxels,
         "n_valid": int(valid.sum()), "cleaning": ("nilearn.signal.clean detrend, z-scored per run" if detrend
                                                   else "as provided (already cleaned), z-scored per run"),
-        "test_stories": test_stories, "n_test_repeats": int(len(resp.test_repeats)),
+        "test_stories": test_stories, "n_test_repeats": 0 if outer else int(len(resp.test_repeats)),
+        "scoring": "outer leave-stories-out cross-validation" if outer else "repeated test stories",
         "train_stories": resp.story_names, "preset": m.preset, "delays_trs": settings.delay_trs(
             experiment.runs[0].tr), "notes": resp.notes}, indent=2) + "\n")
     log.info("sub-%s: encoding models fitted in %.0f s; results in %s", experiment.participant,
              time.perf_counter() - t0, enc_dir)
     return {"summary": summary, "ceiling": ceiling, "valid": valid}
+
+
+def _held_out(y, folds):
+    """Rows in the order an outer loop predicts them (its held-out folds, sorted)."""
+    scored = np.zeros(len(y), dtype=bool)
+    for _, test in folds:
+        scored[test] = True
+    return y[scored]
 
 
 def _stack(best, resp, settings, folds, y_train, y_test, alphas, device, cfg, experiment):

@@ -31,11 +31,14 @@ def participant(cfg: RunConfig, dataset: Dataset, label: str, logs_dir: Path, ru
     fit_participant(cfg, experiment, spaces, device, cfg.inputs.output_dir / f"sub-{label}")
 
 
-def features_only(cfg: RunConfig, dataset: Dataset, labels: list[str], run_dir: Path, device: str) -> None:
+def features_only(cfg: RunConfig, dataset: Dataset, labels: list[str], logs_dir: Path, run_dir: Path,
+                  device: str) -> None:
     """Precompute every feature of every story the selected participants heard (a GPU job)."""
     unique: dict = {}
     for label in labels:
-        for story in discover(dataset, cfg, label).stories.values():
+        experiment = discover(dataset, cfg, label)
+        atomic_write_text(logs_dir / f"experiment-sub-{label}.json", experiment.to_json() + "\n")
+        for story in experiment.stories.values():
             known = unique.get(story.id)
             if known is None:
                 unique[story.id] = story

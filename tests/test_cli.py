@@ -69,7 +69,7 @@ def test_parser_is_side_effect_free_and_makes_a_manpage(tmp_path, monkeypatch):
 
 def test_participant_run_writes_logs(small):
     ds, out, work, lm = small
-    code, _, err = _run(small, "--participant-label", "sub-01", "--random-seed", "7")
+    code, _, err = _run(small, "--participant-label", "sub-01", "--random-seed", "7", "--features-only")
     assert code == 0, err
     exp = json.loads((out / "logs" / "experiment-sub-01.json").read_text())
     assert exp["participant"] == "01" and [r["name"] for r in exp["runs"]] == ["sub-01_task-story"]
@@ -77,12 +77,13 @@ def test_participant_run_writes_logs(small):
     assert not (out / "logs" / "experiment-sub-02.json").exists()
     (run_dir,) = [p for p in (out / "logs").iterdir() if p.is_dir()]
     assert "sub-01: 1 story runs" in (run_dir / "bidsenc.log").read_text()
+    features = json.loads((run_dir / "features.json").read_text())
+    assert features[0]["n_layers"] == 2 and features[0]["layers"] == [0, 1, 2]
     cfg = tomllib.loads((run_dir / "config.toml").read_text())
     assert cfg["inputs"]["participant_label"] == ["01"]
     assert cfg["execution"]["random_seed"] == 7
     assert cfg["features"] == [{"kind": "lm", "model": lm}]
-    features = json.loads((run_dir / "features-sub-01.json").read_text())
-    assert features[0]["n_layers"] == 2 and features[0]["layers"] == [0, 1, 2]
+    assert cfg["execution"]["features_only"] is True
     # the written config is a valid --config-file: rerunning from it gives the same settings
     again = configure([str(ds), str(out), "participant", "--config-file", str(run_dir / "config.toml")])
     assert again.to_toml() == (run_dir / "config.toml").read_text()
@@ -197,7 +198,7 @@ def test_exit_64_usage(small, tmp_path, args, fragment):
 def test_exit_64_output_under_derivatives_is_allowed(small):
     ds, _, work, lm = small
     code, _, err = bidsenc(ds, ds / "derivatives" / "bidsenc", "participant", "-w", work, "--feature", f"lm:{lm}",
-                           "--skip-bids-validation")
+                           "--skip-bids-validation", "--features-only")
     assert code == 0, err
 
 
@@ -245,7 +246,7 @@ def test_exit_66_missing_inputs(small):
     # an explicit timing file fixes it
     table = ds.parent / "words.csv"
     table.write_text("word,start,end\nhello,1.0,1.4\n")
-    code, _, err = _run(small, "--word-timing", f"story.wav={table}")
+    code, _, err = _run(small, "--word-timing", f"story.wav={table}", "--features-only")
     assert code == 0, err
 
 
@@ -292,8 +293,14 @@ def test_exit_75_cuda_asked_but_absent(small):
 
 def test_device_is_logged(small):
     ds, out, _, lm = small
-    code, _, err = _run(small, "--device", "cpu")
+    code, _, err = _run(small, "--device", "cpu", "--features-only")
     assert code == 0 and "device: CPU" in err
+
+
+def test_exit_65_too_little_data_to_fit(small):
+    code, _, err = _run(small, "--participant-label", "01")
+    assert code == 65
+    _assert_one_line_error(err, "no brain found", "fMRIPrep")
 
 
 def test_exit_66_model_not_available_offline(small):

@@ -50,9 +50,15 @@ def _fit(demo, tmp_path, shift=0.0, label="01", *extra):
     fit_participant(cfg, exp, [OracleSpace(root, exp.stories)], "cpu", out)
     enc = out / "encoding"
     result = np.load(enc / "oracle.npz", allow_pickle=False)
-    space = np.load(enc / "space.npz", allow_pickle=False)
     ceiling = np.load(enc / "ceiling.npz", allow_pickle=False)["cc_max"]
-    # put the truth (in its own mask's voxel order) on bidsenc's voxels
+    on_grid, inside = _truth_on_grid(demo, enc, label)
+    return result, ceiling, on_grid, inside
+
+
+def _truth_on_grid(demo, enc, label):
+    """The truth (in its own mask's voxel order) on bidsenc's voxels."""
+    root, truth = demo
+    space = np.load(enc / "space.npz", allow_pickle=False)
     subject = truth["subjects"][label]
     true_mask = nib.load(root / subject["arrays"]["mask"]).get_fdata() > 0
     on_grid = {}
@@ -60,8 +66,7 @@ def _fit(demo, tmp_path, shift=0.0, label="01", *extra):
         vol = np.full(true_mask.shape, np.nan)
         vol[true_mask] = np.load(root / subject["arrays"][key], allow_pickle=False)
         on_grid[key] = vol[space["mask"]]
-    inside = np.isfinite(on_grid["ceiling"])
-    return result, ceiling, on_grid, inside
+    return on_grid, np.isfinite(on_grid["ceiling"])
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +119,39 @@ def test_reference_preset_runs_and_fits(demo, tmp_path):
     grid = np.logspace(1, 4, 15) ** 2  # the reference grid, in the alpha-squared convention
     assert np.isclose(alphas[:, None], grid[None], rtol=1e-5).any(1).all()
     assert ceiling.min() >= 0.25  # the reference floors CC_max
+
+
+def _without_repeats(demo, tmp_path, keep):
+    root, truth = demo
+    cfg = configure([str(root / "ds"), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "w"),
+                     "--n-permutations", "200"])
+    exp = discover(open_dataset(cfg), cfg, "01")
+    exp.runs = [r for r in exp.runs if keep(r)]
+    exp.stories = {sid: s for sid, s in exp.stories.items() if any(seg.story_id == sid for r in exp.runs
+                                                                    for seg in r.segments)}
+    return cfg, exp, root
+
+
+def test_without_repeats_an_outer_loop_scores(demo, tmp_path):
+    cfg, exp, root = _without_repeats(demo, tmp_path, lambda r: r.entities["task"] != "festival")
+    out = tmp_path / "out" / "sub-01"
+    fit_participant(cfg, exp, [OracleSpace(root, exp.stories)], "cpu", out)
+    result = np.load(out / "encoding" / "oracle.npz", allow_pickle=False)
+    assert not (out / "encoding" / "ceiling.npz").exists()
+    import json
+
+    assert json.loads((out / "encoding" / "responses.json").read_text())["scoring"].startswith("outer")
+    r = result["stats"][0, :, 0]
+    assert (result["stats"][0, :, 2] == 0).all()  # no ceiling, so no cc_norm
+    truth, inside = _truth_on_grid(demo, out / "encoding", "01")
+    strong = inside & (truth["driven"] == 1) & (truth["ceiling"] > 0.5)
+    noise = inside & (truth["driven"] == 0)
+    assert np.median(r[strong]) > 0.3 and abs(np.median(r[noise])) < 0.05
+
+
+def test_single_short_story_is_too_little_data(demo, tmp_path):
+    from bidsenc.errors import DataError
+
+    cfg, exp, root = _without_repeats(demo, tmp_path, lambda r: r.entities["task"] == "lighthouse")
+    with pytest.raises(DataError, match="too little data to cross-validate: 58 training volumes in one story"):
+        fit_participant(cfg, exp, [OracleSpace(root, exp.stories)], "cpu", tmp_path / "o")

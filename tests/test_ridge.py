@@ -47,9 +47,8 @@ def block_folds(n=N_TRAIN, k=N_FOLDS):
 
 @pytest.fixture(autouse=True, scope="module")
 def one_torch_thread():
-    """These problems are tiny: one thread (torch and BLAS) avoids spin-waits on a busy machine (10x slower)."""
-    import himalaya.kernel_ridge  # noqa: F401 - load numpy's and scipy's BLAS before limiting them
-    import himalaya.ridge  # noqa: F401
+    """Tiny problems: one thread (torch and BLAS) avoids spin-waits on a busy machine (10x slower)."""
+    import himalaya.kernel_ridge  # noqa: F401 - loads numpy's and scipy's BLAS before they are limited
     from threadpoolctl import threadpool_limits
 
     before = torch.get_num_threads()
@@ -261,7 +260,10 @@ def test_out_of_memory_retry_halves_the_batch(monkeypatch):
     for key in ("alphas", "cv_scores", "test_r", "test_r2", "predictions", "weights"):
         np.testing.assert_array_equal(out[key], reference[key])
 
-    monkeypatch.setattr(rbackend, "_oom_probe", lambda n: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError()))
+    def always_oom(n):
+        raise torch.cuda.OutOfMemoryError("fake")
+
+    monkeypatch.setattr(rbackend, "_oom_probe", always_oom)
     with pytest.raises(torch.cuda.OutOfMemoryError):
         ridge_cv(X, Y, folds, ALPHAS, voxel_batch=4)
 
@@ -310,8 +312,7 @@ def test_torch_inputs_and_float64_responses():
     X, Y, Xt, _ = make_data(80, seed=8)
     folds = block_folds()
     a = ridge_cv(X, Y, folds, ALPHAS)
-    b = ridge_cv(torch.from_numpy(X), torch.from_numpy(Y), [(torch.as_tensor(t).numpy(), v) for t, v in folds],
-                 ALPHAS)
+    b = ridge_cv(torch.from_numpy(X), torch.from_numpy(Y), [(list(t), v) for t, v in folds], ALPHAS)
     c = ridge_cv(X.astype(np.float64), Y.astype(np.float64), folds, ALPHAS)
     np.testing.assert_array_equal(a.alphas, b.alphas)
     np.testing.assert_array_equal(a.alphas, c.alphas)

@@ -82,6 +82,9 @@ def _load_nifti(runs: list[Run], mask_path: Path | None) -> tuple[list[np.ndarra
         mask = np.asarray(compute_multi_epi_mask(imgs).dataobj) > 0
         source = "computed from the EPI with nilearn compute_multi_epi_mask"
         log.info("brain mask %s: %d voxels", source, int(mask.sum()))
+        if not mask.any():
+            raise DataError(f"no brain found in {paths[0].name} and the other runs (the mask computed from "
+                            "the EPI is empty); use fMRIPrep outputs, which come with a brain mask")
     shape3d = imgs[0].shape[:3]
     if mask.shape != shape3d:
         raise DataError(f"brain mask shape {mask.shape} differs from the BOLD grid {shape3d}")

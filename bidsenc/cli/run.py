@@ -142,7 +142,7 @@ def _run(cfg: RunConfig, logs_dir: Path, run_dir: Path) -> None:
     dataset = open_dataset(cfg)
     labels = select_participants(dataset, cfg)
     if cfg.execution.features_only:
-        workflow.features_only(cfg, dataset, labels, run_dir, device)
+        workflow.features_only(cfg, dataset, labels, logs_dir, run_dir, device)
         return
     for label in labels:
         workflow.participant(cfg, dataset, label, logs_dir, run_dir, device)

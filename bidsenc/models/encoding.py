@@ -50,6 +50,34 @@ def evaluate_layer(layer: int, x_train, y_train, x_test, y_test, folds, alphas, 
                     out["valid"])
 
 
+def evaluate_layer_outer(layer: int, x, y, groups, outer_folds, alphas, *, n_inner: int = 5, seed: int = 0,
+                         device="cpu", mem_gb=None) -> LayerFit:
+    """Scores without a test story: an outer leave-stories-out loop around the cross-validated ridge.
+
+    Each outer fold's held-out stories are predicted by a model whose alphas were chosen
+    on the other stories only (inner leave-stories-out); r and R^2 are computed on all
+    held-out rows together. The returned alpha is the geometric mean over outer folds.
+    """
+    from .cv import leave_stories_out
+
+    pred = np.zeros(y.shape, dtype=np.float32)
+    scored = np.zeros(len(y), dtype=bool)
+    log_alphas, cv_scores, valid = [], [], np.ones(y.shape[1], dtype=bool)
+    for train, test in outer_folds:
+        inner = leave_stories_out(groups[train], n_inner, seed)
+        out = fit_and_score(x[train], y[train], x[test], y[test], inner, alphas, return_predictions=True,
+                            device=device, mem_gb=mem_gb)
+        pred[test] = out["predictions"]
+        scored[test] = True
+        log_alphas.append(np.log(out["alphas"]))
+        cv_scores.append(out["cv_score"])
+        valid &= out["valid"]
+    held_pred, held_y = pred[scored], y[scored]
+    r = np.where(valid, np.nan_to_num(pearson_r(held_pred, held_y)), 0.0)
+    r2 = np.where(valid, np.nan_to_num(r2_score(held_y, held_pred)), 0.0)
+    return LayerFit(layer, r, r2, np.exp(np.mean(log_alphas, 0)), np.mean(cv_scores, 0), held_pred, valid)
+
+
 def select_best_layer(fits: list[LayerFit]) -> LayerFit:
     """The layer with the highest mean cross-validated training score over fitted voxels."""
     return max(fits, key=lambda f: float(np.mean(f.cv_score[f.valid])) if f.valid.any() else -np.inf)

@@ -248,7 +248,7 @@ def _valid_columns(Y) -> np.ndarray:
         b = min(v, a + step)
         chunk = Y[:, a:b].to(torch.float64)
         finite = torch.isfinite(chunk).all(0)
-        chunk = torch.where(torch.isfinite(chunk), chunk, torch.zeros((), dtype=chunk.dtype, device=chunk.device))
+        chunk = torch.nan_to_num(chunk, nan=0.0, posinf=0.0, neginf=0.0)
         mean = chunk.mean(0)
         var = ((chunk - mean) ** 2).mean(0)
         mean_square = (chunk**2).mean(0)
@@ -475,11 +475,13 @@ class _FoldOperator:
         self.r = r = s.shape[0]
         # himalaya: alphas below twice a negative eigenvalue's magnitude cannot be selected.
         smin = float(s[0])
-        self.unselectable = (alphas_t < -2 * smin).cpu().numpy() if smin < 0 else np.zeros(self.n_alphas, bool)
+        self.unselectable = np.zeros(self.n_alphas, bool)
+        if smin < 0:
+            self.unselectable = (alphas_t < -2 * smin).cpu().numpy()
         D = 1.0 / (alphas_t[:, None] + s[None, :])  # (n_alphas, r)
         D[torch.from_numpy(self.unselectable).to(dev)] = 0
         n_vox = max(1, data.n_valid)
-        folded_cost = self.n_alphas * self.n_val * r * self.n_tr + self.n_alphas * self.n_val * self.n_tr * n_vox
+        folded_cost = self.n_alphas * self.n_val * self.n_tr * (r + n_vox)
         factored_cost = right_cost * n_vox + self.n_alphas * self.n_val * r * n_vox
         self.folded = folded_cost <= factored_cost if _OPERATOR == "auto" else _OPERATOR == "folded"
         if self.folded and not kernel:
@@ -536,11 +538,11 @@ def _gram(data: _Data):
 
 
 def _cv_scores(data: _Data, folds, alphas, score, form, voxel_batch):
-    """Fold scores, float32 or float64 numpy (n_folds, n_alphas, n_valid)."""
+    """Fold scores, float32 or float64 numpy (n_folds, n_alphas, n_valid), and the Gram ``X X'`` if computed."""
     torch = _backend._torch()
     scores = np.zeros((len(folds), len(alphas), data.n_valid), dtype=data.np_dtype)
     if data.n_valid == 0:
-        return scores
+        return scores, None
     n_alphas = len(alphas)
     alphas_t = torch.as_tensor(alphas, dtype=data.dtype, device=data.device)
     kernels = [_use_kernel(len(tr), data.p, form) for tr, _ in folds]
@@ -582,7 +584,7 @@ def _cv_scores(data: _Data, folds, alphas, score, form, voxel_batch):
             if used < batch:
                 cap = used
         del op
-    return scores
+    return scores, K
 
 
 def _select(fold_scores, alphas):
@@ -727,14 +729,15 @@ def ridge_cv(X_train, Y_train, folds, alphas=DEFAULT_ALPHAS, *, device="cpu", dt
     data = _Data(X_train, Y_train, device, dtype, mem_gb)
     folds = _check_folds(folds, data.n)
     with _backend.matmul_tf32(data.device, tf32_cv):
-        fold_scores = _cv_scores(data, folds, alphas, score, form, voxel_batch)
+        fold_scores, K = _cv_scores(data, folds, alphas, score, form, voxel_batch)
     mean, chosen = _select(fold_scores, alphas)
     alpha_valid = alphas[chosen]
     weights = None
     if return_weights:
         with _backend.matmul_tf32(data.device, tf32_refit):
             weights = _refit(data, alpha_valid, want_predictions=False, want_weights=True, form=form,
-                             voxel_batch=voxel_batch)["weights"]
+                             voxel_batch=voxel_batch, K=None if tf32_cv != tf32_refit else K)["weights"]
+    del K
     n_inv = data.n_voxels - data.n_valid
     if n_inv:
         log.info("ridge: %d of %d voxels not fitted (constant or non-finite responses)", n_inv, data.n_voxels)
@@ -750,8 +753,8 @@ def ridge_cv(X_train, Y_train, folds, alphas=DEFAULT_ALPHAS, *, device="cpu", dt
     )
 
 
-def ridge_predict(X_train, Y_train, X_test, alphas_per_voxel, *, device="cpu", dtype="float32", voxel_batch=None,
-                  mem_gb=None, allow_tf32=False, form="auto"):
+def ridge_predict(X_train, Y_train, X_test, alphas_per_voxel, *, device="cpu", dtype="float32",
+                  voxel_batch=None, mem_gb=None, allow_tf32=False, form="auto"):
     """Refit ridge on all training rows with one alpha per voxel and predict ``X_test``.
 
     Parameters
@@ -781,8 +784,8 @@ def ridge_predict(X_train, Y_train, X_test, alphas_per_voxel, *, device="cpu", d
     return _scatter(out["predictions"], data.valid, 0.0)
 
 
-def fit_and_score(X_train, Y_train, X_test, Y_test, folds, alphas=DEFAULT_ALPHAS, *, device="cpu", dtype="float32",
-                  score="r2", voxel_batch=None, mem_gb=None, allow_tf32=False, form="auto",
+def fit_and_score(X_train, Y_train, X_test, Y_test, folds, alphas=DEFAULT_ALPHAS, *, device="cpu",
+                  dtype="float32", score="r2", voxel_batch=None, mem_gb=None, allow_tf32=False, form="auto",
                   return_predictions=False, return_weights=False):
     """Choose alphas by cross-validation, refit on all training rows, and score the test rows.
 
@@ -826,12 +829,14 @@ def fit_and_score(X_train, Y_train, X_test, Y_test, folds, alphas=DEFAULT_ALPHAS
         return Yt.index_select(1, cols[a:b]).to(data.device, data.dtype)
 
     with _backend.matmul_tf32(data.device, tf32_cv):
-        fold_scores = _cv_scores(data, folds, alphas, score, form, voxel_batch)
+        fold_scores, K = _cv_scores(data, folds, alphas, score, form, voxel_batch)
     mean, chosen = _select(fold_scores, alphas)
     alpha_valid = alphas[chosen]
     with _backend.matmul_tf32(data.device, tf32_refit):
         out = _refit(data, alpha_valid, X_test=T, Y_test=y_test, want_predictions=return_predictions,
-                     want_weights=return_weights, form=form, voxel_batch=voxel_batch)
+                     want_weights=return_weights, form=form, voxel_batch=voxel_batch,
+                     K=None if tf32_cv != tf32_refit else K)
+    del K
     valid = data.valid & test_finite
     keep = test_finite[data.valid_idx]  # valid training voxels whose test data are finite
     result = {
