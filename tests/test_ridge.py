@@ -131,6 +131,7 @@ def test_matches_himalaya(n_features, estimator, himalaya_numpy):
     assert res.valid.all() and res.n_invalid == 0
     np.testing.assert_allclose(res.alphas, h_alphas, rtol=1e-5)  # every voxel, same alpha
     assert len(np.unique(res.alphas)) >= 3  # the test data make alphas vary
+    np.testing.assert_array_equal(res.at_grid_edge, np.isin(res.alphas, [ALPHAS.min(), ALPHAS.max()]))
     np.testing.assert_allclose(res.best_cv_score, np.asarray(h.cv_scores_), atol=1e-5)
     assert res.cv_scores.shape == (len(ALPHAS), N_VOXELS)
     assert np.allclose(res.cv_scores.max(0), res.best_cv_score)
@@ -341,6 +342,9 @@ def test_input_checks():
     Xbad[0, 0] = np.nan
     with pytest.raises(ValueError, match="X_train"):
         ridge_cv(Xbad, Y, folds)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            ridge_cv(X, Y, folds, device="cuda")
     with pytest.raises(ValueError, match="allow_tf32"):
         ridge_cv(X, Y, folds, allow_tf32="yes")
     with pytest.raises(TypeError):

@@ -54,6 +54,8 @@ def resolve_device(device):
         raise RuntimeError(f"device {device} requested but no CUDA GPU is visible to PyTorch")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be cpu or cuda, got {device}")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 

@@ -212,25 +212,33 @@ class _Data:
         self.n_valid = len(self.valid_idx)
         self.mem_gb = mem_gb
         self._Y = Y
-        self._cols = torch.from_numpy(self.valid_idx).to(Y.device)
+        # Batches of valid voxels are column gathers, or plain slices when every voxel is valid.
+        all_valid = self.n_valid == self.n_voxels
+        self._cols = None if all_valid else torch.from_numpy(self.valid_idx).to(Y.device)
         # On a GPU, keep the valid responses resident when they take a modest share of the
         # memory: every fold then gathers its batches on the device instead of re-sending them.
-        if self.device.type == "cuda" and Y.device.type == "cpu" and self.n_valid:
+        if self.device.type == "cuda" and Y.device != self.device and self.n_valid:
             need = self.n * self.n_valid * self.itemsize
             if need <= 0.4 * _backend.memory_budget(self.device):
                 resident = torch.empty((self.n, self.n_valid), dtype=self.dtype, device=self.device)
                 step = max(1, _CHUNK_ELEMENTS // max(1, self.n))
                 for a in range(0, self.n_valid, step):
                     b = min(self.n_valid, a + step)
-                    resident[:, a:b] = Y.index_select(1, self._cols[a:b]).to(self.device, self.dtype)
+                    resident[:, a:b] = self._gather(a, b)
                 self._Y = resident
                 self._cols = None
 
+    def _gather(self, start: int, stop: int):
+        cols = self._Y[:, start:stop] if self._cols is None else self._Y.index_select(1, self._cols[start:stop])
+        return cols.to(self.device, self.dtype)
+
     def responses(self, start: int, stop: int):
-        """Responses of valid voxels ``start:stop`` (in valid-voxel order), ``n x batch`` on the device."""
-        if self._cols is None:
-            return self._Y[:, start:stop]
-        return self._Y.index_select(1, self._cols[start:stop]).to(self.device, self.dtype)
+        """Responses of valid voxels ``start:stop`` (in valid-voxel order), ``n x batch`` on the device.
+
+        A view (no copy) when the responses are already on the device in the solver's dtype
+        and every voxel is valid; callers only read it.
+        """
+        return self._gather(start, stop)
 
     def budget(self) -> int:
         return _backend.memory_budget(self.device, self.mem_gb)
@@ -246,13 +254,9 @@ def _valid_columns(Y) -> np.ndarray:
     step = max(1, _CHUNK_ELEMENTS // max(1, n))
     for a in range(0, v, step):
         b = min(v, a + step)
-        chunk = Y[:, a:b].to(torch.float64)
-        finite = torch.isfinite(chunk).all(0)
-        chunk = torch.nan_to_num(chunk, nan=0.0, posinf=0.0, neginf=0.0)
-        mean = chunk.mean(0)
-        var = ((chunk - mean) ** 2).mean(0)
-        mean_square = (chunk**2).mean(0)
-        ok = finite & (var > _CONSTANT_RTOL * mean_square)
+        var, mean = torch.var_mean(Y[:, a:b].to(torch.float64), 0, correction=0)
+        # A non-finite value anywhere makes the variance NaN or infinite.
+        ok = torch.isfinite(var) & (var > _CONSTANT_RTOL * (var + mean * mean))
         valid[a:b] = ok.cpu().numpy()
     return valid
 
