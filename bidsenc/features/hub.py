@@ -6,6 +6,7 @@ the dtype choice, and the fingerprint that keys the feature cache.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -43,8 +44,9 @@ def from_pretrained(loader, name: str, *, allow_download: bool, revision: str | 
     if local.exists() and not local.is_dir():
         raise UsageError(f"model {name}: a model is a folder (save_pretrained) or a hub id, not a file")
     try:
-        return loader.from_pretrained(str(local) if local.is_dir() else name, revision=revision,
-                                      local_files_only=not allow_download, **kwargs)
+        with quiet_transformers():
+            return loader.from_pretrained(str(local) if local.is_dir() else name, revision=revision,
+                                          local_files_only=not allow_download, **kwargs)
     except OSError as err:
         if local.is_dir():
             raise MissingInputError(f"model folder {local} cannot be loaded: {str(err).splitlines()[0]}") from None
@@ -154,3 +156,17 @@ def run_with_oom_retry(run, batch, what: str) -> None:
         half = len(batch) // 2
         run_with_oom_retry(run, batch[:half], what)
         run_with_oom_retry(run, batch[half:], what)
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Hide transformers' own progress bars (loading, saving weights), restoring the previous state."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()

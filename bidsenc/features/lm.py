@@ -25,7 +25,6 @@ token sequence for its words, after the model's BOS token.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -110,8 +109,7 @@ def load_language_model(name: str, *, device: str = "cpu", dtype: str | None = "
     kwargs = {"dtype": torch_dtype}
     if device_map:
         kwargs["device_map"] = device_map
-    with _quiet_transformers():
-        model = from_pretrained(AutoModel, name, allow_download=allow_download, revision=revision, **kwargs)
+    model = from_pretrained(AutoModel, name, allow_download=allow_download, revision=revision, **kwargs)
     tokenizer = from_pretrained(AutoTokenizer, name, allow_download=allow_download, revision=revision)
     if not device_map:
         model = model.to(device)
@@ -390,20 +388,6 @@ def _pad_id(tokenizer) -> int:
         if candidate is not None:
             return int(candidate)
     return 0
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    """Hide transformers' own progress bars (weights loading) inside ours."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 class _NoBar:

@@ -8,7 +8,6 @@ path as a real hub model, without any network access.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import string
 from pathlib import Path
@@ -26,7 +25,7 @@ from transformers import (
     WhisperFeatureExtractor,
     WhisperModel,
 )
-from transformers.utils import logging as hf_logging
+from ..features.hub import quiet_transformers
 
 __all__ = [
     "CAUSAL_LM_FAMILY",
@@ -168,21 +167,9 @@ def _n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@contextlib.contextmanager
-def _no_progress_bars():
-    """Silence transformers' "Writing model shards" bars, restoring the previous state."""
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
 def _save(model, path: Path, *extras) -> None:
     path.mkdir(parents=True, exist_ok=True)
-    with _no_progress_bars():
+    with quiet_transformers():
         model.save_pretrained(path, safe_serialization=True)
     for obj in extras:
         obj.save_pretrained(path)
