@@ -114,18 +114,12 @@ def cc_max(repeats, floor: float | None = None, *, return_degenerate: bool = Fal
     repeats = _check_stack(repeats, "repeats", "Repeat", 2)
     if floor is not None and not 0.0 <= floor <= 1.0:
         raise ValueError(f"floor must lie in [0, 1], got {floor}")
-    n, t, v = repeats.shape
+    n, _, v = repeats.shape
     values = np.zeros(v)
     degenerate = np.zeros(v, dtype=bool)
-    for sl in _voxel_chunks(v, 2 * n * t):
-        x = np.asarray(repeats[:, :, sl], dtype=np.float64)
-        finite = np.isfinite(x).all(axis=(0, 1))
-        x = np.where(finite, x, 0.0)
-        y = x.mean(axis=0)
-        tp = x.var(axis=1).mean(axis=0)
-        var_y = y.var(axis=0)
+    for sl, tp, var_y, defined in _variance_components(repeats):
         sp = (n * var_y - tp) / (n - 1)
-        defined = finite & (sp > 0) & ~_is_constant(tp, (x * x).mean(axis=(0, 1)))
+        defined = defined & (sp > 0)
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             cc = 1.0 / np.sqrt(1.0 + (tp / sp - 1.0) / n)
         values[sl] = np.where(defined, np.clip(np.nan_to_num(cc, nan=0.0), 0.0, 1.0), 0.0)
@@ -133,6 +127,19 @@ def cc_max(repeats, floor: float | None = None, *, return_degenerate: bool = Fal
     if floor is not None:
         values = np.maximum(values, floor)
     return _finish(values, degenerate, return_degenerate)
+
+
+def _variance_components(repeats):
+    """Per voxel chunk: the slice, the mean of the repeats' variances, the variance of their mean,
+    and which voxels are finite and not constant (float64, ``ddof=0``)."""
+    n, t, v = repeats.shape
+    for sl in _voxel_chunks(v, 2 * n * t):
+        x = np.asarray(repeats[:, :, sl], dtype=np.float64)
+        finite = np.isfinite(x).all(axis=(0, 1))
+        x = np.where(finite, x, 0.0)
+        mean_var = x.var(axis=1).mean(axis=0)
+        var_mean = x.mean(axis=0).var(axis=0)
+        yield sl, mean_var, var_mean, finite & ~_is_constant(mean_var, (x * x).mean(axis=(0, 1)))
 
 
 def cc_norm(cc_abs, ccmax, *, return_degenerate: bool = False):
@@ -195,16 +202,10 @@ def explainable_variance(repeats, bias_correction: bool = True, *, return_degene
     ``ddof=0``; the ratio is the same with ``ddof=1``.
     """
     repeats = _check_stack(repeats, "repeats", "Repeat", 2)
-    n, t, v = repeats.shape
+    n, _, v = repeats.shape
     values = np.zeros(v)
     degenerate = np.zeros(v, dtype=bool)
-    for sl in _voxel_chunks(v, 2 * n * t):
-        x = np.asarray(repeats[:, :, sl], dtype=np.float64)
-        finite = np.isfinite(x).all(axis=(0, 1))
-        x = np.where(finite, x, 0.0)
-        mean_var = x.var(axis=1).mean(axis=0)
-        var_mean = x.mean(axis=0).var(axis=0)
-        defined = finite & ~_is_constant(mean_var, (x * x).mean(axis=(0, 1)))
+    for sl, mean_var, var_mean, defined in _variance_components(repeats):
         with np.errstate(divide="ignore", invalid="ignore"):
             ev = var_mean / np.where(defined, mean_var, 1.0)
         if bias_correction:
