@@ -81,10 +81,7 @@ def fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, device
     for fs in spaces:
         fits = []
         for layer in fs.layers:
-            story_features = {}
-            for sid in experiment.stories:
-                stored = fs.load(sid)
-                story_features[sid] = (stored.times, np.asarray(stored.layers[layer], dtype=np.float32))
+            story_features = _layer_features(fs, experiment.stories, layer)
             x_train, x_test = features_for(resp, story_features, settings)
             if outer:
                 fit = evaluate_layer_outer(layer, x_train, y_train, resp.train_groups, folds, alphas,
@@ -143,6 +140,15 @@ def fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, device
     return {"summary": summary, "ceiling": ceiling, "valid": valid}
 
 
+def _layer_features(fs, stories, layer: int) -> dict:
+    """Per story, its feature times and one layer's features as float32 (read from the cache)."""
+    out = {}
+    for sid in stories:
+        stored = fs.load(sid)
+        out[sid] = (stored.times, np.asarray(stored.layers[layer], dtype=np.float32))
+    return out
+
+
 def _held_out(y, folds):
     """Rows in the order an outer loop predicts them (its held-out folds, sorted)."""
     scored = np.zeros(len(y), dtype=bool)
@@ -154,10 +160,7 @@ def _held_out(y, folds):
 def _stack(best, resp, settings, folds, y_train, y_test, alphas, device, cfg, experiment):
     names, oof, test_preds = [], [], []
     for name, (fs, chosen) in best.items():
-        story_features = {}
-        for sid in experiment.stories:
-            stored = fs.load(sid)
-            story_features[sid] = (stored.times, np.asarray(stored.layers[chosen.layer], dtype=np.float32))
+        story_features = _layer_features(fs, experiment.stories, chosen.layer)
         x_train, _ = features_for(resp, story_features, settings)
         oof.append(out_of_fold_predictions(x_train, y_train, folds, chosen.alphas, device=device,
                                            mem_gb=cfg.execution.mem_gb))

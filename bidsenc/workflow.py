@@ -17,15 +17,9 @@ log = logging.getLogger(__name__)
 def participant(cfg: RunConfig, dataset: Dataset, label: str, logs_dir: Path, run_dir: Path,
                 device: str) -> None:
     """Run the participant-level analysis for ``label``."""
-    experiment = discover(dataset, cfg, label)
-    out = logs_dir / f"experiment-sub-{label}.json"
-    atomic_write_text(out, experiment.to_json() + "\n")
-    log.info("wrote %s", out)
-    for note in experiment.notes:
-        log.info("note: %s", note)
+    experiment = _discover_and_record(cfg, dataset, label, logs_dir)
     spaces = extract_features(cfg, experiment.stories, device)
-    atomic_write_text(run_dir / f"features-sub-{label}.json",
-                      json.dumps([s.describe() for s in spaces], indent=2) + "\n")
+    _record_features(run_dir / f"features-sub-{label}.json", spaces)
     from .fit import fit_participant
 
     fit_participant(cfg, experiment, spaces, device, cfg.inputs.output_dir / f"sub-{label}")
@@ -36,18 +30,31 @@ def features_only(cfg: RunConfig, dataset: Dataset, labels: list[str], logs_dir:
     """Precompute every feature of every story the selected participants heard (a GPU job)."""
     unique: dict = {}
     for label in labels:
-        experiment = discover(dataset, cfg, label)
-        atomic_write_text(logs_dir / f"experiment-sub-{label}.json", experiment.to_json() + "\n")
-        for story in experiment.stories.values():
+        for story in _discover_and_record(cfg, dataset, label, logs_dir).stories.values():
             known = unique.get(story.id)
             if known is None:
                 unique[story.id] = story
             elif known.content_hash != story.content_hash:  # same name, other content elsewhere
                 unique[f"{story.id}-{story.content_hash[:8]}"] = story
     spaces = extract_features(cfg, unique, device)
-    atomic_write_text(run_dir / "features.json", json.dumps([s.describe() for s in spaces], indent=2) + "\n")
+    _record_features(run_dir / "features.json", spaces)
     log.info("features of %d stories for %d feature spaces are in %s", len(unique), len(spaces),
              cfg.feature_cache)
+
+
+def _discover_and_record(cfg: RunConfig, dataset: Dataset, label: str, logs_dir: Path):
+    """Discover one participant's experiment and write it to ``logs/experiment-sub-<label>.json``."""
+    experiment = discover(dataset, cfg, label)
+    out = logs_dir / f"experiment-sub-{label}.json"
+    atomic_write_text(out, experiment.to_json() + "\n")
+    log.info("wrote %s", out)
+    for note in experiment.notes:
+        log.info("note: %s", note)
+    return experiment
+
+
+def _record_features(path: Path, spaces) -> None:
+    atomic_write_text(path, json.dumps([s.describe() for s in spaces], indent=2) + "\n")
 
 
 def extract_features(cfg: RunConfig, stories: dict, device: str):
