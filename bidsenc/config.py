@@ -126,9 +126,35 @@ class ModelConfig:
     #: "detrend" or "none".
     clean: str = "auto"
     high_pass: float | None = None
+    #: fMRIPrep confounds regressed out of each run, by column name or shell pattern
+    #: (e.g. "trans_?", "rot_?", "a_comp_cor_0[0-4]"; "trans_*" adds derivatives and squares); none by default.
+    confounds: tuple[str, ...] = ()
     lanczos_normalize: bool = False
     #: Stack the best layer of every feature space (needs two spaces or more).
     stacking: bool = True
+    #: Data scaling: random subsets of 1, 2, 4, ... training stories, this many seeds per
+    #: size (0 turns it off); each model's best layer, same test set, alphas re-chosen.
+    data_scaling_seeds: int = 3
+    #: Also fit the best layers of all feature spaces jointly by banded ridge (himalaya).
+    banded: bool = False
+    #: Keep the best layer's ridge weights in each model's array file (large: features x delays x voxels).
+    save_weights: bool = False
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """What is written: maps, reports, and the group level's regions and thresholds."""
+
+    #: Layers written as maps besides the best one: "best", "all", or a list such as "0,4-6".
+    map_layers: str = "best"
+    #: Voxels whose noise ceiling (CC_max) is at least this count as "well-predictable".
+    ceiling_threshold: float = 0.3
+    #: An atlas of labelled regions (NIfTI, or GIfTI label files per hemisphere) in the
+    #: participants' space, and a TSV naming its labels (``index``, ``name``).
+    atlas: tuple[Path, ...] = ()
+    atlas_labels: Path | None = None
+    #: Write the HTML reports.
+    reports: bool = True
 
 
 @dataclass(frozen=True)
@@ -138,6 +164,7 @@ class RunConfig:
     inputs: InputConfig
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
     models: ModelConfig = field(default_factory=ModelConfig)
+    outputs: OutputConfig = field(default_factory=OutputConfig)
     features: tuple[FeatureSpec, ...] = tuple(FeatureSpec.parse(s) for s in DEFAULT_FEATURES)
 
     @property
@@ -158,6 +185,7 @@ class RunConfig:
                 "inputs": asdict(self.inputs),
                 "execution": asdict(self.execution),
                 "models": asdict(self.models),
+                "outputs": asdict(self.outputs),
                 "features": [f.to_dict() for f in self.features],
             }
         ))
@@ -165,7 +193,9 @@ class RunConfig:
 
 # --------------------------------------------------------------------------- building
 
-_PATH_KEYS = {"bids_dir", "output_dir", "stimuli_dir", "work_dir", "feature_cache", "bids_database_dir"}
+_SECTIONS = ("inputs", "execution", "models", "outputs")
+_PATH_KEYS = {"bids_dir", "output_dir", "stimuli_dir", "work_dir", "feature_cache", "bids_database_dir",
+              "atlas_labels"}
 
 
 def build_config(cli: dict, config_file: Path | None = None) -> RunConfig:
@@ -178,21 +208,21 @@ def build_config(cli: dict, config_file: Path | None = None) -> RunConfig:
     config_file : Path, optional
         A TOML file with ``[inputs]``, ``[execution]`` and ``[[features]]``.
     """
-    merged: dict = {"inputs": {}, "execution": {}, "models": {}}
+    merged: dict = {section: {} for section in _SECTIONS}
     features = None
     if config_file is not None:
         file_values = read_toml(config_file)
-        unknown = set(file_values) - {"inputs", "execution", "models", "features"}
+        unknown = set(file_values) - {*_SECTIONS, "features"}
         if unknown:
             raise UsageError(
                 f"{config_file}: unknown section(s) {', '.join(sorted(unknown))}; "
-                "expected [inputs], [execution], [models] and [[features]]"
+                "expected [inputs], [execution], [models], [outputs] and [[features]]"
             )
-        for section in ("inputs", "execution", "models"):
+        for section in _SECTIONS:
             merged[section].update(file_values.get(section, {}))
         if "features" in file_values:
             features = tuple(FeatureSpec.from_dict(d) for d in file_values["features"])
-    for section in ("inputs", "execution", "models"):
+    for section in _SECTIONS:
         merged[section].update(cli.get(section, {}))
     merged["execution"].setdefault("work_dir", "work")  # relative to where bidsenc was started
     if cli.get("features"):
@@ -201,8 +231,9 @@ def build_config(cli: dict, config_file: Path | None = None) -> RunConfig:
     inputs = _make(InputConfig, merged["inputs"], "inputs")
     execution = _make(ExecutionConfig, merged["execution"], "execution")
     models = _make(ModelConfig, merged["models"], "models")
-    cfg = RunConfig(inputs, execution, models) if features is None else RunConfig(inputs, execution, models,
-                                                                                  features)
+    outputs = _make(OutputConfig, merged["outputs"], "outputs")
+    cfg = (RunConfig(inputs, execution, models, outputs) if features is None
+           else RunConfig(inputs, execution, models, outputs, features))
     _validate(cfg)
     return cfg
 
@@ -265,8 +296,10 @@ def _make(cls, values: dict, section: str):
             value = Path(value).expanduser().absolute()
         elif key in ("participant_label",):
             value = parse_participant_labels([value] if isinstance(value, str) else value)
-        elif key in ("session_label", "task", "test_stories"):
+        elif key in ("session_label", "task", "test_stories", "confounds"):
             value = tuple([value] if isinstance(value, str) else value)
+        elif key == "atlas":
+            value = tuple(Path(v).expanduser().absolute() for v in ([value] if isinstance(value, str) else value))
         elif key == "mem_gb":
             value = parse_mem_gb(value)
         elif key in ("derivatives", "word_timings"):
@@ -327,6 +360,16 @@ def _validate(cfg: RunConfig) -> None:
         raise UsageError(f"clean {m.clean!r}: choose auto, detrend or none")
     if not isinstance(m.n_folds, int) or m.n_folds < 2:
         raise UsageError(f"n_folds must be an integer of at least 2, got {m.n_folds!r}")
+    if not isinstance(m.data_scaling_seeds, int) or m.data_scaling_seeds < 0:
+        raise UsageError(f"data_scaling_seeds must be a whole number, got {m.data_scaling_seeds!r}")
+    o = cfg.outputs
+    if o.map_layers not in ("best", "all") and not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", o.map_layers):
+        raise UsageError(f"--map-layers {o.map_layers!r}: expected best, all, or layers such as 0,4-6")
+    for path in (*o.atlas, o.atlas_labels):
+        if path is not None and not path.is_file():
+            raise UsageError(f"atlas file {path} does not exist")
+    if o.atlas and o.atlas_labels is None:
+        raise UsageError("--atlas needs --atlas-labels, a TSV with the columns index and name")
 
 
 def _plain(obj):

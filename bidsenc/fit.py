@@ -1,31 +1,26 @@
-"""One participant's encoding models: responses and features aligned, fitted, scored, saved.
+"""One participant's encoding models: responses and features aligned, fitted and scored.
 
 Wires ``bids`` (responses), ``features`` (cached per story), ``align`` and
-``models``; writes one array file per feature model (layers x voxels x
-statistics) and a TSV summary under ``output_dir/sub-<label>/encoding/``.
+``models``, and returns a :class:`~bidsenc.results.ParticipantResult`; writing it
+is the job of :mod:`bidsenc.derivatives`.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ._io import atomic_write_bytes, atomic_write_text
 from .align import AlignSettings
 from .align.design import features_for, split_responses
-from .bids.bold import load_responses
+from .bids.bold import load_confounds, load_responses
 from .bids.experiment import Experiment
 from .config import RunConfig
 from .errors import DataError
 from .models.cv import bootstrap_chunks, leave_stories_out
 from .models.encoding import (
-    LAYER_STATS,
     alpha_grid,
     evaluate_layer,
     evaluate_layer_outer,
@@ -35,109 +30,183 @@ from .models.encoding import (
     significance,
     stack_spaces,
 )
+from .models.ridge import fit_and_score
+from .results import BandedResult, ModelResult, ParticipantResult, StackedResult
 
 log = logging.getLogger(__name__)
 
 
-def fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, device: str, out_dir: Path) -> dict:
-    """Fit every feature space and layer for one participant and write the results."""
+def fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, device: str) -> ParticipantResult:
+    """Fit every feature space and layer for one participant; score, stack and scale them."""
     m = cfg.models
     reference = m.preset == "reference"
     settings = AlignSettings(preset=m.preset, lanczos_normalize=m.lanczos_normalize)
     t0 = time.perf_counter()
     seed = cfg.execution.random_seed
+    label = experiment.participant
     test_stories = list(m.test_stories) or experiment.repeated_stories
     outer = not test_stories
     if outer:
         log.warning("sub-%s: no story was heard twice and none was named with --test-stories: scores come from "
                     "an outer leave-stories-out loop (contiguous blocks for a single story); no noise ceiling",
-                    experiment.participant)
+                    label)
     responses, space = load_responses(experiment.runs)
     detrend = m.clean == "detrend" or (m.clean == "auto" and experiment.runs[0].bold.kind != "hdf5")
+    confounds = [load_confounds(run, m.confounds) for run in experiment.runs] if m.confounds else None
     resp = split_responses(experiment.runs, responses, test_stories, settings, detrend=detrend,
-                           high_pass=m.high_pass)
+                           high_pass=m.high_pass, confounds=confounds)
     if resp.test is None and not outer:
-        raise DataError(f"sub-{experiment.participant}: none of the test stories {test_stories} was heard")
+        raise DataError(f"sub-{label}: none of the test stories {test_stories} was heard")
     if not resp.valid.any():
-        raise DataError(f"sub-{experiment.participant}: every voxel is constant or not finite in some run")
+        raise DataError(f"sub-{label}: every voxel is constant or not finite in some run")
     ceiling = None if outer else noise_ceiling(resp.test_repeats, floor=0.25 if reference else m.ceiling_floor)
-    folds = (bootstrap_chunks(len(resp.train), seed=seed) if reference
-             else leave_stories_out(resp.train_groups, m.n_folds, seed=seed))
+    folds = _folds(resp.train_groups, reference, m.n_folds, seed)
     alphas = alpha_grid("reference" if reference else m.alphas)
     valid = resp.valid
     y_train = resp.train[:, valid]
     y_test = y_train if outer else resp.test[:, valid]
-    ceil_v = ceiling[valid] if ceiling is not None else None
-    log.info("sub-%s: %d training volumes from %d stories, %s, %d voxels (%d constant or non-finite left "
-             "out); %d folds", experiment.participant, len(y_train), len(resp.story_names),
-             "scored by outer cross-validation" if outer else
+    ceil_v = ceiling[valid].astype(np.float32) if ceiling is not None else None
+    n_left_out = int((~valid).sum())
+    if n_left_out:
+        log.warning("sub-%s: %d voxels have constant or non-finite responses in some run and are left out "
+                    "(0 in every map)", label, n_left_out)
+    log.info("sub-%s: %d training volumes from %d stories, %s, %d voxels; %d folds", label, len(y_train),
+             len(resp.story_names), "scored by outer cross-validation" if outer else
              f"{len(y_test)} test volumes ({len(resp.test_repeats)} repeats of {', '.join(test_stories)})",
-             int(valid.sum()), int((~valid).sum()), len(folds))
+             int(valid.sum()), len(folds))
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    enc_dir = out_dir / "encoding"
-    enc_dir.mkdir(exist_ok=True)
-    rows, best = [], {}
+    rows, models, best = [], [], {}
     for fs in spaces:
         fits = []
         for layer in fs.layers:
-            story_features = _layer_features(fs, experiment.stories, layer)
-            x_train, x_test = features_for(resp, story_features, settings)
+            x_train, x_test = features_for(resp, _layer_features(fs, experiment.stories, layer), settings)
             if outer:
                 fit = evaluate_layer_outer(layer, x_train, y_train, resp.train_groups, folds, alphas,
                                            n_inner=m.n_folds, seed=seed, device=device,
                                            mem_gb=cfg.execution.mem_gb)
             else:
                 fit = evaluate_layer(layer, x_train, y_train, x_test, y_test, folds, alphas, device=device,
-                                     mem_gb=cfg.execution.mem_gb)
+                                     mem_gb=cfg.execution.mem_gb, return_weights=m.save_weights)
             fits.append(fit)
-            rows.append(_summary_row(fs, fit, ceil_v))
+            rows.append(_summary_row(fs, fit, ceil_v, cfg.outputs.ceiling_threshold))
         chosen = select_best_layer(fits)
+        for fit in fits:  # weights, when asked, are kept for the chosen layer only
+            if fit is not chosen:
+                fit.weights = None
         scored = _held_out(y_train, folds) if outer else y_test
         pvalues, discoveries = significance(chosen.predictions, scored, n_permutations=m.n_permutations,
-                                            q=m.fdr_q, seed=cfg.execution.random_seed)
+                                            q=m.fdr_q, seed=seed)
         best[fs.name] = (fs, chosen)
-        _save_space(enc_dir / f"{fs.name}.npz", fs, fits, chosen, pvalues, discoveries, valid, ceil_v)
+        models.append(ModelResult(fs.name, fs.describe(), np.array(fs.layers),
+                                  np.stack([f.stats(ceil_v) for f in fits]), chosen.layer,
+                                  pvalues.astype(np.float32), discoveries, chosen.weights))
         log.info("%s: best layer %d (by cross-validated training score): mean test r %.3f, %d voxels "
                  "significant (FDR q=%.2f)", fs.name, chosen.layer, float(chosen.test_r.mean()),
                  int(discoveries.sum()), m.fdr_q)
 
     summary = pd.DataFrame(rows)
+    for name, (fs, chosen) in best.items():
+        summary.loc[(summary.model == name) & (summary.layer == chosen.layer), "best"] = True
     stacked = None
     if m.stacking and len(best) >= 2 and not reference and not outer:
         stacked = _stack(best, resp, settings, folds, y_train, y_test, alphas, device, cfg, experiment)
-        np.savez(buf := io.BytesIO(), weights=stacked.weights, r=stacked.test_r, r2=stacked.test_r2,
-                 names=np.array(stacked.names), valid=valid)
-        atomic_write_bytes(enc_dir / "stacked.npz", buf.getvalue())
         summary = pd.concat([summary, pd.DataFrame([{
-            "model": "stacked:" + "+".join(stacked.names), "layer": "best", "mean_r": stacked.test_r.mean(),
-            "median_r": np.median(stacked.test_r), "mean_r2": stacked.test_r2.mean(),
-            "fraction_of_ceiling": _fraction_of_ceiling(stacked.test_r, ceil_v), "cv_score": np.nan,
-            "best": True}])], ignore_index=True)
-    if ceiling is not None:
-        np.savez(buf := io.BytesIO(), cc_max=ceiling.astype(np.float32), valid=valid)
-        atomic_write_bytes(enc_dir / "ceiling.npz", buf.getvalue())
-    space_arrays = {"n_voxels": np.array(space.n_voxels)}
-    if space.mask is not None:
-        space_arrays |= {"mask": space.mask, "affine": space.affine}
-    if space.n_vertices is not None:
-        space_arrays["n_vertices"] = np.array(space.n_vertices)
-    np.savez(buf := io.BytesIO(), **space_arrays)
-    atomic_write_bytes(enc_dir / "space.npz", buf.getvalue())
-    for name, (fs, chosen) in best.items():
-        summary.loc[(summary.model == name) & (summary.layer == chosen.layer), "best"] = True
-    atomic_write_text(enc_dir / "summary.tsv", summary.to_csv(sep="\t", index=False, float_format="%.4f"))
-    atomic_write_text(enc_dir / "responses.json", json.dumps({
+            "model": "stacked", "family": "stacked", "n_parameters": np.nan, "layer": -1,
+            "relative_depth": np.nan, "mean_r": stacked.r.mean(), "median_r": np.median(stacked.r),
+            "mean_r2": stacked.r2.mean(),
+            "mean_r_ceiling": _mean_over_ceiling(stacked.r, ceil_v, cfg.outputs.ceiling_threshold),
+            "fraction_of_ceiling": _fraction_of_ceiling(stacked.r, ceil_v, cfg.outputs.ceiling_threshold),
+            "cv_score": np.nan, "best": True}])], ignore_index=True)
+    banded = None
+    if m.banded and len(best) >= 2 and not outer:
+        banded = _banded(best, resp, settings, folds, y_train, y_test, alphas, device, experiment, seed)
+        summary = pd.concat([summary, pd.DataFrame([{
+            "model": "banded", "family": "banded", "n_parameters": np.nan, "layer": -1, "relative_depth": np.nan,
+            "mean_r": banded.r.mean(), "median_r": np.median(banded.r), "mean_r2": banded.r2.mean(),
+            "mean_r_ceiling": _mean_over_ceiling(banded.r, ceil_v, cfg.outputs.ceiling_threshold),
+            "fraction_of_ceiling": _fraction_of_ceiling(banded.r, ceil_v, cfg.outputs.ceiling_threshold),
+            "cv_score": np.nan, "best": True}])], ignore_index=True)
+    elif m.banded:
+        log.info("sub-%s: banded ridge needs two feature spaces or more and a test story", label)
+    scaling = pd.DataFrame()
+    if m.data_scaling_seeds and not outer:
+        scaling = _data_scaling(best, resp, settings, y_train, y_test, alphas, ceil_v, cfg, experiment, device)
+    elif m.data_scaling_seeds:
+        log.info("sub-%s: no data-scaling curve without a test story", label)
+    info = {
         "space": space.kind, "space_name": space.name, "mask": space.mask_source, "n_voxels": space.n_voxels,
-        "n_valid": int(valid.sum()), "cleaning": ("nilearn.signal.clean detrend, z-scored per run" if detrend
-                                                  else "as provided (already cleaned), z-scored per run"),
+        "n_fitted": int(valid.sum()), "n_left_out": n_left_out,
+        "cleaning": _cleaning(detrend, m.high_pass, confounds, m.confounds),
         "test_stories": test_stories, "n_test_repeats": 0 if outer else int(len(resp.test_repeats)),
+        "n_test_volumes": 0 if outer else int(len(y_test)), "n_train_volumes": int(len(y_train)),
         "scoring": "outer leave-stories-out cross-validation" if outer else "repeated test stories",
-        "train_stories": resp.story_names, "preset": m.preset, "delays_trs": settings.delay_trs(
-            experiment.runs[0].tr), "notes": resp.notes}, indent=2) + "\n")
-    log.info("sub-%s: encoding models fitted in %.0f s; results in %s", experiment.participant,
-             time.perf_counter() - t0, enc_dir)
-    return {"summary": summary, "ceiling": ceiling, "valid": valid}
+        "noise_ceiling": "none" if ceiling is None else "CC_max (Schoppe et al. 2016) from the test repeats",
+        "train_stories": resp.story_names, "preset": m.preset,
+        "delays_trs": settings.delay_trs(experiment.runs[0].tr), "tr": experiment.runs[0].tr,
+        "notes": resp.notes}
+    log.info("sub-%s: encoding models fitted in %.0f s", label, time.perf_counter() - t0)
+    return ParticipantResult(label, space, valid, models, ceil_v, stacked, summary, scaling, info, banded)
+
+
+def _cleaning(detrend: bool, high_pass, confounds, patterns) -> str:
+    steps = ["detrended" if detrend else "", f"high-pass {high_pass} Hz" if high_pass else "",
+             f"{confounds[0].shape[1]} fMRIPrep confounds regressed out ({', '.join(patterns)})" if confounds else ""]
+    done = ", ".join(s for s in steps if s)
+    return (f"nilearn.signal.clean: {done}; z-scored per run" if done
+            else "as provided (already cleaned), z-scored per run")
+
+
+def _folds(groups, reference: bool, n_folds: int, seed: int):
+    return bootstrap_chunks(len(groups), seed=seed) if reference else leave_stories_out(groups, n_folds, seed=seed)
+
+
+def _subset_folds(groups, reference: bool, n_folds: int, seed: int):
+    """Folds inside a data-scaling subset; a single short story gets as many blocks as it can hold."""
+    for k in range(n_folds, 1, -1):
+        try:
+            return _folds(groups, reference, k, seed)
+        except DataError:
+            if k == 2 or reference or len(np.unique(groups)) > 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _data_scaling(best, resp, settings, y_train, y_test, alphas, ceil_v, cfg, experiment, device) -> pd.DataFrame:
+    """Test scores of each model's best layer fitted on random subsets of 1, 2, 4, ... training stories.
+
+    Every subset keeps the test set; its alphas are re-chosen by cross-validation inside
+    the subset (contiguous blocks when it holds a single story).
+    """
+    m, reference = cfg.models, cfg.models.preset == "reference"
+    n_stories = len(resp.story_names)
+    sizes = sorted({*(2 ** k for k in range(int(np.log2(n_stories)) + 1)), n_stories})
+    tr = experiment.runs[0].tr
+    rows = []
+    for name, (fs, chosen) in best.items():
+        x_train, x_test = features_for(resp, _layer_features(fs, experiment.stories, chosen.layer), settings)
+        for n in sizes:
+            for repeat in range(m.data_scaling_seeds if n < n_stories else 1):
+                rng = np.random.default_rng([cfg.execution.random_seed, n, repeat])
+                picked = np.sort(rng.choice(n_stories, size=n, replace=False))
+                rows_in = np.isin(resp.train_groups, picked)
+                try:
+                    folds = _subset_folds(resp.train_groups[rows_in], reference, m.n_folds, cfg.execution.random_seed)
+                except DataError as err:
+                    if repeat == 0:
+                        log.info("data scaling, %s, %d of %d stories: skipped (%s)", name, n, n_stories, err.message)
+                    continue
+                out = fit_and_score(x_train[rows_in], y_train[rows_in], x_test, y_test, folds, alphas,
+                                    device=device, mem_gb=cfg.execution.mem_gb)
+                r = out["test_r"]
+                rows.append({"model": name, "layer": chosen.layer, "n_stories": n,
+                             "n_volumes": int(rows_in.sum()), "hours": rows_in.sum() * tr / 3600,
+                             "seed": repeat, "stories": ",".join(resp.story_names[i] for i in picked),
+                             "mean_r": float(r.mean()),
+                             "mean_r_ceiling": _mean_over_ceiling(r, ceil_v, cfg.outputs.ceiling_threshold),
+                             "fraction_of_ceiling": _fraction_of_ceiling(r, ceil_v, cfg.outputs.ceiling_threshold)})
+        log.info("data scaling, %s layer %d: %d subset fits", name, chosen.layer,
+                 sum(row["model"] == name for row in rows))
+    return pd.DataFrame(rows)
 
 
 def _layer_features(fs, stories, layer: int) -> dict:
@@ -166,29 +235,47 @@ def _stack(best, resp, settings, folds, y_train, y_test, alphas, device, cfg, ex
                                            mem_gb=cfg.execution.mem_gb))
         test_preds.append(chosen.predictions)
         names.append(name)
-    return stack_spaces(names, oof, test_preds, y_train, y_test)
+    out = stack_spaces(names, oof, test_preds, y_train, y_test)
+    return StackedResult(out.names, out.weights, out.test_r, out.test_r2)
 
 
-def _fraction_of_ceiling(r: np.ndarray, ceiling: np.ndarray | None) -> float:
-    """Median of r / CC_max over voxels whose ceiling is at least 0.3 (NaN without a ceiling)."""
-    if ceiling is None or not (ceiling >= 0.3).any():
+def _banded(best, resp, settings, folds, y_train, y_test, alphas, device, experiment, seed) -> BandedResult:
+    from .models.banded import banded_ridge
+
+    t0 = time.perf_counter()
+    names, x_train, x_test = [], [], []
+    for name, (fs, chosen) in best.items():
+        a, b = features_for(resp, _layer_features(fs, experiment.stories, chosen.layer), settings)
+        names.append(name)
+        x_train.append(a)
+        x_test.append(b)
+    fit = banded_ridge(names, x_train, y_train, x_test, y_test, folds, alphas=alphas, device=device, seed=seed)
+    log.info("banded ridge of %d models: mean test r %.3f (%.0f s)", len(names), float(fit.r.mean()),
+             time.perf_counter() - t0)
+    return BandedResult(fit.names, fit.r, fit.r2, fit.r2_split, fit.weights)
+
+
+def _fraction_of_ceiling(r: np.ndarray, ceiling: np.ndarray | None, threshold: float = 0.3) -> float:
+    """Median of r / CC_max over voxels whose ceiling is at least ``threshold`` (NaN without a ceiling)."""
+    if ceiling is None or not (ceiling >= threshold).any():
         return float("nan")
-    good = ceiling >= 0.3
+    good = ceiling >= threshold
     return float(np.median(r[good] / ceiling[good]))
 
 
-def _summary_row(fs, fit, ceiling) -> dict:
-    return {"model": fs.name, "layer": fit.layer, "mean_r": float(fit.test_r.mean()),
+def _mean_over_ceiling(r: np.ndarray, ceiling: np.ndarray | None, threshold: float = 0.3) -> float:
+    """Mean r over the voxels whose ceiling is at least ``threshold`` (NaN without a ceiling)."""
+    if ceiling is None or not (ceiling >= threshold).any():
+        return float("nan")
+    return float(r[ceiling >= threshold].mean())
+
+
+def _summary_row(fs, fit, ceiling, threshold: float) -> dict:
+    d = fs.describe()
+    return {"model": fs.name, "family": d.get("options", {}).get("family") or d.get("model_type") or d.get("kind"),
+            "n_parameters": d.get("n_parameters", np.nan), "layer": fit.layer,
+            "relative_depth": fit.layer / max(d.get("n_layers") or 1, 1), "mean_r": float(fit.test_r.mean()),
             "median_r": float(np.median(fit.test_r)), "mean_r2": float(fit.test_r2.mean()),
-            "fraction_of_ceiling": _fraction_of_ceiling(fit.test_r, ceiling),
+            "mean_r_ceiling": _mean_over_ceiling(fit.test_r, ceiling, threshold),
+            "fraction_of_ceiling": _fraction_of_ceiling(fit.test_r, ceiling, threshold),
             "cv_score": float(fit.cv_score.mean()), "best": False}
-
-
-def _save_space(path: Path, fs, fits, chosen, pvalues, discoveries, valid, ceiling) -> None:
-    """One file per feature model: every layer's statistics, plus significance at the best layer."""
-    stats = np.stack([f.stats(ceiling) for f in fits])  # [L, V_valid, S]
-    buf = io.BytesIO()
-    np.savez(buf, stats=stats, stat_names=np.array(LAYER_STATS), layers=np.array(fs.layers),
-             best_layer=np.array(chosen.layer), pvalue=pvalues.astype(np.float32), fdr=discoveries,
-             valid=valid, model=np.array(json.dumps(fs.describe())))
-    atomic_write_bytes(path, buf.getvalue())

@@ -9,20 +9,63 @@ from pathlib import Path
 from ._io import atomic_write_text
 from .bids.discover import Dataset, discover
 from .config import RunConfig
-from .errors import UsageError
+from .errors import BidsencError
 
 log = logging.getLogger(__name__)
 
 
 def participant(cfg: RunConfig, dataset: Dataset, label: str, logs_dir: Path, run_dir: Path,
                 device: str) -> None:
-    """Run the participant-level analysis for ``label``."""
-    experiment = _discover_and_record(cfg, dataset, label, logs_dir)
-    spaces = extract_features(cfg, experiment.stories, device)
-    _record_features(run_dir / f"features-sub-{label}.json", spaces)
+    """Run the participant-level analysis for ``label``: fit, write the derivatives and the report.
+
+    The dataset-level files and the report are written even when the participant fails,
+    so the report says what was found and what went wrong.
+    """
+    from .derivatives import write_dataset_files, write_participant
     from .fit import fit_participant
 
-    fit_participant(cfg, experiment, spaces, device, cfg.inputs.output_dir / f"sub-{label}")
+    out = cfg.inputs.output_dir
+    warnings = _WarningCollector()
+    logging.getLogger("bidsenc").addHandler(warnings)
+    experiment, error = None, None
+    try:
+        write_dataset_files(out, cfg.inputs.bids_dir, cfg.inputs.derivatives)
+        experiment = _discover_and_record(cfg, dataset, label, logs_dir)
+        spaces = extract_features(cfg, experiment.stories, device)
+        _record_features(run_dir / f"features-sub-{label}.json", spaces)
+        result = fit_participant(cfg, experiment, spaces, device)
+        write_participant(result, experiment, cfg)
+    except BidsencError as err:
+        error = err.message
+        raise
+    except BaseException as err:
+        error = f"internal error ({type(err).__name__}: {err}); see the log and crash file in {logs_dir}"
+        raise
+    finally:
+        logging.getLogger("bidsenc").removeHandler(warnings)
+        if cfg.outputs.reports:
+            _participant_report(out, label, experiment, warnings.messages, error)
+
+
+def _participant_report(out: Path, label: str, experiment, warnings: list[str], error: str | None) -> None:
+    """Write the report without letting a reporting problem hide the run's own outcome."""
+    from .report.participant import write_participant_report
+
+    try:
+        write_participant_report(out, label, experiment.to_dict() if experiment else None, warnings, error)
+    except Exception as err:  # the outputs themselves are written; a broken figure must not fail the run
+        log.warning("sub-%s: the HTML report could not be written (%s: %s)", label, type(err).__name__, err)
+
+
+class _WarningCollector(logging.Handler):
+    """Keeps the warnings of one participant's run for its report."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 def features_only(cfg: RunConfig, dataset: Dataset, labels: list[str], logs_dir: Path, run_dir: Path,
@@ -67,5 +110,9 @@ def extract_features(cfg: RunConfig, stories: dict, device: str):
 
 
 def group(cfg: RunConfig) -> None:
-    raise UsageError("the group level is not available in this version of bidsenc; "
-                     "run the participant level")
+    """Summarise the participants' outputs in a scaling report (never refits)."""
+    from .derivatives import write_dataset_files
+    from .report.group import run_group
+
+    write_dataset_files(cfg.inputs.output_dir, cfg.inputs.bids_dir, cfg.inputs.derivatives)
+    run_group(cfg)

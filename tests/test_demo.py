@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 
 def test_demo_command(tmp_path):
@@ -23,6 +24,18 @@ def test_demo_command(tmp_path):
     assert sum(m["kind"] == "lm" for m in models) == 3
     config = (root / "bidsenc.toml").read_text()
     assert all(str(root / "models" / m["path"]) in config for m in models)
+    # the demo ends with valid derivatives, a report per participant and the group scaling report
+    out = root / "out"
+    assert "group.html" in proc.stdout
+    for label in truth["participants"]:
+        assert len(list((out / f"sub-{label}" / "func").glob("*_statmap.nii.gz"))) >= 5 * 7
+        assert (out / f"sub-{label}.html").stat().st_size > 100_000
+    sizes = (out / "group" / "desc-sizescaling_summary.tsv").read_text()
+    assert "gpt2\twhole brain\tmean_r" in sizes  # the tiny GPT-2 family at three sizes
+    exe = Path(sys.executable).parent / "bids-validator-deno"
+    report = json.loads(subprocess.run([str(exe), "--format", "json", str(out)], capture_output=True, text=True,
+                                       timeout=300).stdout)
+    assert not [i for i in report["issues"]["issues"] if i["severity"] == "error"]
 
 
 def test_demo_detects_a_mismatch(tmp_path):

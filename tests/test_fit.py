@@ -14,6 +14,7 @@ from bidsenc.bids.discover import discover, open_dataset
 from bidsenc.cli.run import configure
 from bidsenc.fit import fit_participant
 from bidsenc.models.stats import fdr_bh
+from bidsenc.results import LAYER_STATS
 
 
 class OracleSpace:
@@ -35,7 +36,7 @@ class OracleSpace:
         return self.features[sid]
 
     def describe(self):
-        return {"name": self.name}
+        return {"name": self.name, "kind": "lm", "n_layers": 0, "n_parameters": 3, "model_type": "oracle"}
 
 
 def _fit(demo, tmp_path, shift=0.0, label="01", *extra):
@@ -46,27 +47,30 @@ def _fit(demo, tmp_path, shift=0.0, label="01", *extra):
     if shift:
         exp.runs = [dataclasses.replace(r, segments=tuple(dataclasses.replace(s, onset=s.onset + shift)
                                                          for s in r.segments)) for r in exp.runs]
-    out = tmp_path / "out" / f"sub-{label}"
-    fit_participant(cfg, exp, [OracleSpace(root, exp.stories)], "cpu", out)
-    enc = out / "encoding"
-    result = np.load(enc / "oracle.npz", allow_pickle=False)
-    ceiling = np.load(enc / "ceiling.npz", allow_pickle=False)["cc_max"]
-    on_grid, inside = _truth_on_grid(demo, enc, label)
-    return result, ceiling, on_grid, inside
+    result = fit_participant(cfg, exp, [OracleSpace(root, exp.stories)], "cpu")
+    on_grid, inside = truth_on_grid(demo, result, label)
+    return _arrays(result), result.full(result.cc_max), on_grid, inside
 
 
-def _truth_on_grid(demo, enc, label):
+def _arrays(result):
+    """The oracle model's statistics on every voxel of the space (0 where not fitted)."""
+    model = result.models[0]
+    return {"stats": np.stack([result.full(layer) for layer in model.stats]), "best_layer": model.best_layer,
+            "stat_names": list(LAYER_STATS), "pvalue": np.where(result.valid, result.full(model.pvalue), 1.0),
+            "fdr": result.full(model.fdr).astype(bool), "result": result}
+
+
+def truth_on_grid(demo, result, label):
     """The truth (in its own mask's voxel order) on bidsenc's voxels."""
     root, truth = demo
-    space = np.load(enc / "space.npz", allow_pickle=False)
     subject = truth["subjects"][label]
     true_mask = nib.load(root / subject["arrays"]["mask"]).get_fdata() > 0
     on_grid = {}
     for key in ("ceiling", "driven"):
         vol = np.full(true_mask.shape, np.nan)
         vol[true_mask] = np.load(root / subject["arrays"][key], allow_pickle=False)
-        on_grid[key] = vol[space["mask"]]
-    return on_grid, np.isfinite(on_grid["ceiling"])
+        on_grid[key] = vol[result.space.mask]
+    return on_grid, np.isfinite(on_grid["ceiling"]) & result.valid
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +85,23 @@ def test_test_r_reaches_the_true_ceiling(fitted):
     ratio = np.median(r[driven] / truth["ceiling"][driven])
     assert ratio >= 0.7, ratio
     assert result["best_layer"] == 0 and list(result["stat_names"]) == ["r", "r2", "cc_norm", "alpha", "cv_score"]
+
+
+def test_data_scaling_refits_on_story_subsets(fitted):
+    result = fitted[0]["result"]
+    table = result.data_scaling
+    n_stories = len(result.responses["train_stories"])
+    assert sorted(table["n_stories"].unique()) == [1, 2, 4, n_stories]
+    assert list(table.groupby("n_stories").size()) == [3, 3, 3, 1]  # three seeds, one full set
+    subsets = table[table["n_stories"] == 2]["stories"]
+    assert subsets.nunique() > 1 and all(len(s.split(",")) == 2 for s in subsets)
+    # the full set with the same folds is the main fit, and more stories predict better
+    full = table[table["n_stories"] == n_stories].iloc[0]
+    assert np.isclose(full["mean_r"], result.models[0].stat("r").mean(), atol=1e-6)
+    by_size = table.groupby("n_stories")["mean_r"].mean()
+    assert by_size.iloc[-1] > by_size.iloc[0] + 0.05
+    assert table.groupby("n_stories")["n_volumes"].mean().is_monotonic_increasing
+    assert np.allclose(table["hours"], table["n_volumes"] * result.responses["tr"] / 3600)
 
 
 def test_shifted_onsets_collapse_the_fit(demo, tmp_path):
@@ -134,16 +155,13 @@ def _without_repeats(demo, tmp_path, keep):
 
 def test_without_repeats_an_outer_loop_scores(demo, tmp_path):
     cfg, exp, root = _without_repeats(demo, tmp_path, lambda r: r.entities["task"] != "festival")
-    out = tmp_path / "out" / "sub-01"
-    fit_participant(cfg, exp, [OracleSpace(root, exp.stories)], "cpu", out)
-    result = np.load(out / "encoding" / "oracle.npz", allow_pickle=False)
-    assert not (out / "encoding" / "ceiling.npz").exists()
-    import json
-
-    assert json.loads((out / "encoding" / "responses.json").read_text())["scoring"].startswith("outer")
+    fitted = fit_participant(cfg, exp, [OracleSpace(root, exp.stories)], "cpu")
+    result = _arrays(fitted)
+    assert fitted.cc_max is None and fitted.data_scaling.empty  # no test story: no ceiling, no data scaling
+    assert fitted.responses["scoring"].startswith("outer")
     r = result["stats"][0, :, 0]
     assert (result["stats"][0, :, 2] == 0).all()  # no ceiling, so no cc_norm
-    truth, inside = _truth_on_grid(demo, out / "encoding", "01")
+    truth, inside = truth_on_grid(demo, fitted, "01")
     strong = inside & (truth["driven"] == 1) & (truth["ceiling"] > 0.5)
     noise = inside & (truth["driven"] == 0)
     assert np.median(r[strong]) > 0.3 and abs(np.median(r[noise])) < 0.05
@@ -154,4 +172,22 @@ def test_single_short_story_is_too_little_data(demo, tmp_path):
 
     cfg, exp, root = _without_repeats(demo, tmp_path, lambda r: r.entities["task"] == "lighthouse")
     with pytest.raises(DataError, match="too little data to cross-validate: 58 training volumes in one story"):
-        fit_participant(cfg, exp, [OracleSpace(root, exp.stories)], "cpu", tmp_path / "o")
+        fit_participant(cfg, exp, [OracleSpace(root, exp.stories)], "cpu")
+
+
+def test_weights_are_kept_only_when_asked(demo, tmp_path, fitted):
+    assert fitted[0]["result"].models[0].weights is None
+    root, truth = demo
+    cfg = configure([str(root / "ds"), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "w"),
+                     "--n-permutations", "10", "--data-scaling-seeds", "0", "--save-weights"])
+    exp = discover(open_dataset(cfg), cfg, "01")
+    oracle = OracleSpace(root, exp.stories)
+    result = fit_participant(cfg, exp, [oracle], "cpu")
+    weights = result.models[0].weights
+    n_features = next(iter(oracle.features.values())).layers[0].shape[1]
+    assert weights.shape == (n_features * len(result.responses["delays_trs"]), result.valid.sum())
+    truth_grid, inside = truth_on_grid(demo, result, "01")
+    norms = np.linalg.norm(weights, axis=0)
+    driven = (truth_grid["driven"] == 1)[result.valid] & inside[result.valid]
+    noise = (truth_grid["driven"] == 0)[result.valid] & inside[result.valid]
+    assert np.median(norms[driven]) > 3 * np.median(norms[noise])  # regularised towards 0 where nothing drives

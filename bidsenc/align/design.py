@@ -51,15 +51,17 @@ def clean_run(y: np.ndarray, run: Run, *, detrend: bool, high_pass: float | None
 
 
 def split_responses(runs: list[Run], responses: list[np.ndarray], test_stories: list[str],
-                    settings: AlignSettings, *, detrend: bool, high_pass: float | None = None) -> Responses:
-    """Clean each run, trim it and build the training and test response matrices."""
+                    settings: AlignSettings, *, detrend: bool, high_pass: float | None = None,
+                    confounds: list[np.ndarray | None] | None = None) -> Responses:
+    """Clean each run (regressing out its ``confounds``, if given), trim it and build the training and test sets."""
     valid = np.ones(responses[0].shape[1], dtype=bool)
     cleaned = []
-    for run, y in zip(runs, responses, strict=True):
+    for i, (run, y) in enumerate(zip(runs, responses, strict=True)):
         if y.shape[0] != run.n_volumes:
             raise DataError(f"{run.name}: {y.shape[0]} volumes read, {run.n_volumes} expected")
         valid &= np.isfinite(y).all(0) & (np.nanstd(y, axis=0) > 0)
-        cleaned.append(clean_run(y, run, detrend=detrend, high_pass=high_pass))
+        cleaned.append(clean_run(y, run, detrend=detrend, high_pass=high_pass,
+                                 confounds=confounds[i] if confounds else None))
 
     train_runs = [r for r in runs if not _is_test(r, test_stories)]
     test_runs = [r for r in runs if _is_test(r, test_stories)]

@@ -36,14 +36,28 @@ class Space:
     affine: np.ndarray | None = None
     n_vertices: tuple[int, int] | None = None
     mask_source: str = ""
+    #: Order in which the mask's voxels are numbered: "C" (nibabel's x, y, z array,
+    #: last axis fastest) or "F" (pycortex, whose masks are stored transposed).
+    voxel_order: str = "C"
 
     def to_volume(self, values: np.ndarray) -> np.ndarray:
         """A 3D (or 4D for 2D ``values``) array with ``values`` inside the mask and 0 outside."""
         if self.kind != "volume":
             raise ValueError(f"a {self.kind} space has no volume")
+        values = np.asarray(values)
+        if self.voxel_order == "F":  # number the voxels along z, y, x as pycortex does
+            out_t = np.zeros(self.mask.T.shape + values.shape[1:], dtype=np.float32)
+            out_t[self.mask.T] = values
+            return np.moveaxis(out_t, (0, 1, 2), (2, 1, 0))
         out = np.zeros(self.mask.shape + values.shape[1:], dtype=np.float32)
         out[self.mask] = values
         return out
+
+    def from_volume(self, volume: np.ndarray) -> np.ndarray:
+        """The inverse of :meth:`to_volume`: the mask's voxels of ``volume``, in column order."""
+        if self.voxel_order == "F":
+            return np.moveaxis(np.asarray(volume), (0, 1, 2), (2, 1, 0))[self.mask.T]
+        return np.asarray(volume)[self.mask]
 
 
 def load_responses(runs: list[Run], mask_path: Path | None = None) -> tuple[list[np.ndarray], Space]:
@@ -130,8 +144,65 @@ def _load_hdf5(runs: list[Run]) -> tuple[list[np.ndarray], Space]:
     if len(widths) != 1:
         raise DataError(f"the preprocessed responses of {runs[0].entities.get('sub')} differ in voxel count "
                         f"({sorted(widths)})")
-    return responses, Space("index", widths.pop(), "ds003020 cortical voxels",
-                            mask_source="ds003020 preprocessed_data voxel order")
+    n_voxels = widths.pop()
+    found = _pycortex_mask(runs[0].bold.paths[0], n_voxels)
+    if found is not None:
+        mask, affine, path = found
+        return responses, Space("volume", n_voxels, None, mask=mask, affine=affine, voxel_order="F",
+                                mask_source=f"pycortex cortical mask {path}")
+    log.warning("no pycortex cortical mask with %d voxels found for %s (derivative/pycortex-db/<subject>/"
+                "transforms/*/mask_thick.nii.gz): maps are written as arrays in the preprocessed files' voxel "
+                "order (.npy) rather than NIfTI", n_voxels, runs[0].bold.paths[0].parent.name)
+    return responses, Space("index", n_voxels, None, mask_source="ds003020 preprocessed_data voxel order")
+
+
+def _pycortex_mask(hdf5_path: Path, n_voxels: int):
+    """ds003020's cortical mask for ``derivative/preprocessed_data/<sub>/<story>.hf5``, if present.
+
+    The preprocessed files number the voxels of the pycortex ``thick`` mask of the
+    subject's reference volume (pycortex stores volumes transposed: z, y, x).
+    """
+    subject = hdf5_path.parent.name
+    db = hdf5_path.parent.parent.parent / "pycortex-db" / subject / "transforms"
+    for path in sorted(db.glob("*/mask_thick.nii.gz")) if db.is_dir() else []:
+        img = _nib_load(path)
+        mask = np.asarray(img.dataobj) > 0
+        if int(mask.sum()) == n_voxels:
+            return mask, img.affine, path
+    return None
+
+
+def load_confounds(run: Run, patterns: tuple[str, ...]) -> np.ndarray | None:
+    """The run's fMRIPrep confounds named by ``patterns`` (shell patterns, e.g. ``trans_*``), as a float array.
+
+    Missing values (the first row of derivatives and framewise displacement) are
+    replaced by the column's mean, as nilearn's ``load_confounds`` does.
+    """
+    if not patterns:
+        return None
+    import fnmatch
+
+    import pandas as pd
+
+    path = run.bold.confounds
+    if path is None:
+        raise MissingInputError(f"{run.name}: --confounds needs fMRIPrep's *_desc-confounds_timeseries.tsv, "
+                                "which this run does not have (confounds apply to fMRIPrep outputs only)")
+    try:
+        table = pd.read_csv(path, sep="\t", na_values=["n/a", "N/A", "NaN"])
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: unreadable confounds table ({err})") from None
+    columns: list[str] = []
+    for pattern in patterns:
+        matched = [c for c in table.columns if fnmatch.fnmatchcase(c, pattern)]
+        if not matched:
+            raise DataError(f"{path.name}: no confound column matches {pattern!r}; columns include "
+                            f"{', '.join(list(table.columns)[:8])}, ...")
+        columns += [c for c in matched if c not in columns]
+    if len(table) != run.n_volumes:
+        raise DataError(f"{path.name}: {len(table)} rows but {run.name} has {run.n_volumes} volumes")
+    values = table[columns].apply(pd.to_numeric, errors="coerce")
+    return values.fillna(values.mean()).fillna(0.0).to_numpy(dtype=np.float64)
 
 
 def _nib_load(path: Path):
@@ -145,4 +216,4 @@ def _nib_load(path: Path):
         raise DataError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
 
 
-__all__ = ["Space", "load_responses"]
+__all__ = ["Space", "load_confounds", "load_responses"]

@@ -354,18 +354,22 @@ def _bold_source(dataset: Dataset, cfg: RunConfig, bf) -> BoldSource | None:
     fl = dataset.fmriprep
     volumes = fl.get(**ents, desc="preproc", suffix="bold", extension=_BOLD_EXT)
     surfaces = fl.get(**ents, suffix="bold", extension=".func.gii")
+    tables = fl.get(**ents, desc="confounds", suffix="timeseries", extension=".tsv")
+    confounds = Path(tables[0].path) if tables else None
     spaces: dict[str, BoldSource] = {}
     for f in volumes:
         space = f.entities.get("space", "T1w")
         masks = fl.get(**ents, space=f.entities.get("space"), desc="brain", suffix="mask", extension=_BOLD_EXT)
         spaces[space] = BoldSource("nifti", (Path(f.path),), space=space,
-                                   mask=Path(masks[0].path) if masks else None, preprocessed_by="fMRIPrep")
+                                   mask=Path(masks[0].path) if masks else None, preprocessed_by="fMRIPrep",
+                                   confounds=confounds)
     by_space: dict[str, dict] = {}
     for f in surfaces:
         by_space.setdefault(f.entities.get("space"), {})[f.entities.get("hemi")] = Path(f.path)
     for space, hemis in by_space.items():
         if set(hemis) == {"L", "R"}:
-            spaces[space] = BoldSource("gifti", (hemis["L"], hemis["R"]), space=space, preprocessed_by="fMRIPrep")
+            spaces[space] = BoldSource("gifti", (hemis["L"], hemis["R"]), space=space, preprocessed_by="fMRIPrep",
+                                       confounds=confounds)
     if not spaces:
         return None
     if cfg.inputs.space:

@@ -97,6 +97,8 @@ class BoldSource:
     key: str | None = None
     repeat: int | None = None
     preprocessed_by: str | None = None
+    #: fMRIPrep's confounds table of the run (``*_desc-confounds_timeseries.tsv``), if any.
+    confounds: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,7 @@ class Experiment:
                         "key": r.bold.key,
                         "repeat": r.bold.repeat,
                         "preprocessed_by": r.bold.preprocessed_by,
+                        "confounds": str(r.bold.confounds) if r.bold.confounds else None,
                     },
                     "events": str(r.events) if r.events else None,
                     "segments": [{"story": s.story_id, "onset": s.onset} for s in r.segments],

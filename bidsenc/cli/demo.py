@@ -1,7 +1,8 @@
 """``bidsenc-demo DIR``: generate the demo dataset and run bidsenc on it.
 
 Writes ``DIR/ds`` (BIDS), ``DIR/truth.json``, tiny local models in ``DIR/models``
-and the outputs in ``DIR/out``, then compares what bidsenc found with the truth.
+and the outputs in ``DIR/out``, compares what bidsenc found with the truth, and
+ends with the group-level scaling report ``DIR/out/group.html``.
 """
 
 from __future__ import annotations
@@ -53,14 +54,15 @@ def print_scores(out: Path, truth: dict) -> None:
     import pandas as pd
 
     for label in truth["subjects"]:
-        path = out / f"sub-{label}" / "encoding" / "summary.tsv"
-        if not path.is_file():
+        paths = sorted((out / f"sub-{label}" / "func").glob("*_desc-models_summary.tsv"))
+        if not paths:
             continue
-        table = pd.read_csv(path, sep="\t")
+        table = pd.read_csv(paths[0], sep="\t", na_values="n/a")
         best = table[table["best"]]
         print(f"bidsenc-demo: sub-{label}, best layer of each model (chosen by cross-validated training score):")
         for row in best.itertuples():
-            print(f"    {row.model:<40} layer {row.layer!s:>4}  mean test r {row.mean_r:6.3f}  "
+            layer = "best" if row.layer < 0 else row.layer
+            print(f"    {row.model:<40} layer {layer!s:>4}  mean test r {row.mean_r:6.3f}  "
                   f"fraction of ceiling {row.fraction_of_ceiling:5.2f}")
 
 
@@ -88,7 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bidsenc-demo: discovery of {len(truth['subjects'])} participants, {n_runs} story runs and "
           f"{len(truth['stories'])} stories " + ("matches truth.json" if not problems else "DIFFERS from truth.json"))
     print_scores(directory / "out", truth)
-    print(f"bidsenc-demo: outputs in {directory / 'out'}")
+    code = bidsenc_main([str(directory / "ds"), str(directory / "out"), "group",
+                         "--config-file", str(directory / "bidsenc.toml")])
+    if code != 0:
+        return code
+    print(f"bidsenc-demo: outputs in {directory / 'out'}; reports: "
+          + ", ".join(f"sub-{label}.html" for label in truth["subjects"]) + ", group.html")
     return 1 if problems else 0
 
 

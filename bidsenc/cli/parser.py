@@ -81,8 +81,35 @@ def build_parser() -> argparse.ArgumentParser:
                    "their alpha grid and ceiling floor (default: default)")
     g.add_argument("--test-stories", nargs="+", metavar="STORY",
                    help="stories to test on (default: those heard more than once)")
+    g.add_argument("--confounds", nargs="+", metavar="NAME",
+                   help="fMRIPrep confounds to regress out of each run, by column name or pattern, e.g. "
+                   "'trans_?' 'rot_?' 'a_comp_cor_0[0-4]' (default: none)")
     g.add_argument("--n-permutations", type=int, metavar="N",
                    help="circular shifts for the per-voxel p-values (default: 1000)")
+    g.add_argument("--data-scaling-seeds", type=int, metavar="N",
+                   help="random subsets of 1, 2, 4, ... training stories per size for the data-scaling "
+                   "curve; 0 turns it off (default: 3)")
+
+    g.add_argument("--banded-ridge", dest="banded", action="store_true",
+                   help="also fit every model's best layer jointly by banded ridge (himalaya multiple-kernel "
+                   "ridge), the joint-fit alternative to stacking")
+    g.add_argument("--save-weights", action="store_true",
+                   help="keep each model's best-layer ridge weights in its array file (features x delays x voxels)")
+
+    g = parser.add_argument_group("outputs and reports")
+    g.add_argument("--map-layers", metavar="LAYERS",
+                   help="layers written as maps besides each model's best: best, all, or e.g. 0,4-6 "
+                   "(every layer's statistics are always kept in the model's array file; default: best)")
+    g.add_argument("--atlas", nargs="+", type=Path, metavar="FILE",
+                   help="regions for the group report: a NIfTI label image, or GIfTI label files "
+                   "(left, right) in the participants' space")
+    g.add_argument("--atlas-labels", type=Path, metavar="TSV",
+                   help="the atlas's region names: a TSV with the columns index and name")
+    g.add_argument("--ceiling-threshold", type=float, metavar="R",
+                   help="voxels with a noise ceiling (CC_max) of at least this are summarised apart "
+                   "(default: 0.3)")
+    g.add_argument("--no-reports", dest="reports", action="store_false",
+                   help="do not write the HTML reports")
 
     g = parser.add_argument_group("execution")
     g.add_argument("-w", "--work-dir", type=Path, metavar="DIR", help="scratch folder (default: ./work)")

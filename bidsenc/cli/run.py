@@ -29,7 +29,9 @@ _IO_ERRNOS = {errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 _SECTIONS = {
     "execution": {"work_dir", "feature_cache", "bids_database_dir", "nprocs", "omp_nthreads", "device",
                   "random_seed", "verbose", "allow_download", "features_only"},
-    "models": {"preset", "test_stories", "n_permutations"},
+    "models": {"preset", "test_stories", "n_permutations", "data_scaling_seeds", "confounds",
+               "save_weights", "banded"},
+    "outputs": {"map_layers", "atlas", "atlas_labels", "ceiling_threshold", "reports"},
 }
 
 
@@ -80,7 +82,7 @@ def configure(argv: list[str] | None) -> RunConfig:
         ns["word_timings"] = parse_key_path(ns["word_timings"], "--word-timing")
     if "bids_filter_file" in ns:
         ns["bids_filters"] = _read_filter_file(ns.pop("bids_filter_file"))
-    cli["models"] = {}
+    cli["models"], cli["outputs"] = {}, {}
     for key, value in ns.items():
         section = next((name for name, keys in _SECTIONS.items() if key in keys), "inputs")
         cli[section][key] = value

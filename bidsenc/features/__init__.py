@@ -22,8 +22,8 @@ from .hub import from_pretrained, model_fingerprint, parse_layers, slug
 log = logging.getLogger(__name__)
 
 _LM_OPTIONS = {"layers": str, "dtype": str, "context": str, "min_context": int, "max_tokens": int,
-               "max_words": int, "batch_tokens": int, "lowercase": bool, "revision": str, "device_map": str}
-_AUDIO_OPTIONS = {"layers": str, "dtype": str, "batch_size": int, "revision": str}
+               "max_words": int, "batch_tokens": int, "lowercase": bool, "revision": str, "device_map": str, "family": str}
+_AUDIO_OPTIONS = {"layers": str, "dtype": str, "batch_size": int, "revision": str, "family": str}
 
 
 @dataclass
@@ -98,6 +98,8 @@ def _extract_one(spec: FeatureSpec, stories: dict[str, Story], store: FeatureSto
              len(requests), counts.get("hit", 0), counts.get("computed", 0))
     if not described and requests:
         described = dict(store.load(next(iter(requests.values()))).info.get("model", {}))
+    # the architecture names the model family of scaling curves unless the spec gives `family`
+    described = {**described, "model_type": str(getattr(config, "model_type", "") or spec.kind)}
     name = f"{spec.kind}-{slug(spec.model)}"
     return FeatureSpace(spec, name, layers, n_layers, requests, store, described, counts)
 

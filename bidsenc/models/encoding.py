@@ -35,6 +35,7 @@ class LayerFit:
     cv_score: np.ndarray
     predictions: np.ndarray
     valid: np.ndarray
+    weights: np.ndarray | None = None   # [n_features, n_voxels], only when asked
 
     def stats(self, ceiling: np.ndarray | None) -> np.ndarray:
         norm = cc_norm(self.test_r, ceiling) if ceiling is not None else np.zeros_like(self.test_r)
@@ -42,12 +43,13 @@ class LayerFit:
 
 
 def evaluate_layer(layer: int, x_train, y_train, x_test, y_test, folds, alphas, *, device="cpu",
-                   mem_gb=None) -> LayerFit:
+                   mem_gb=None, return_weights=False) -> LayerFit:
     """Cross-validated ridge on the training rows, scored on the test rows."""
     out = fit_and_score(x_train, y_train, x_test, y_test, folds, alphas, return_predictions=True, device=device,
-                        mem_gb=mem_gb)
+                        mem_gb=mem_gb, return_weights=return_weights)
+    weights = np.asarray(out["weights"], dtype=np.float32) if return_weights else None
     return LayerFit(layer, out["test_r"], out["test_r2"], out["alphas"], out["cv_score"], out["predictions"],
-                    out["valid"])
+                    out["valid"], weights)
 
 
 def evaluate_layer_outer(layer: int, x, y, groups, outer_folds, alphas, *, n_inner: int = 5, seed: int = 0,

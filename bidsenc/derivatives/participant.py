@@ -1,0 +1,359 @@
+"""One participant's derivatives: maps with sidecars, array files and tables; and reading them back.
+
+Everything goes into ``sub-<label>/func/``. It is first written to a hidden folder
+beside it, then swapped in by renames, so a reader finds the old outputs, the new
+ones or none, never a mixture or a half-written set. The last file written,
+``*_desc-models_summary.json``, lists every file and the bidsenc version: it is what
+the group level checks before using a participant.
+
+Array files (``*_encoding.npz``, read with ``np.load(allow_pickle=False)``):
+
+``desc-<model>_encoding.npz``
+    ``stats[layer, voxel, stat]`` (float32) over the fitted voxels, ``stat_names``
+    (r, r2, cc_norm, alpha, cv_score), ``layers``, ``best_layer``, ``pvalue`` and
+    ``fdr`` (at the best layer), ``model`` (the feature model's record, JSON), and with
+    ``--save-weights`` the best layer's ridge ``weights[feature x delay, voxel]``
+    (features vary fastest within each delay block, delays in ``delays_trs`` order).
+``desc-responses_encoding.npz``
+    ``valid`` (which of the space's voxels were fitted), ``cc_max`` (over the fitted
+    voxels; empty without repeats), and the space: ``kind``, ``mask``, ``affine``,
+    ``voxel_order`` or ``n_vertices``.
+``desc-stacked_encoding.npz``
+    ``names``, ``weights[model, voxel]``, ``r``, ``r2`` over the fitted voxels.
+``desc-banded_encoding.npz`` (with ``--banded-ridge``)
+    ``names``, ``r``, ``r2``, ``r2_split[model, voxel]`` (each model's share of the
+    test R^2) and kernel ``weights[model, voxel]``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import __version__
+from .._io import atomic_write_bytes, atomic_write_text
+from ..bids.bold import Space
+from ..results import LAYER_STATS, BandedResult, ModelResult, ParticipantResult, StackedResult
+from .naming import STAT_LABELS, model_labels, participant_prefix, with_hemi
+
+log = logging.getLogger(__name__)
+
+MARKER_SUFFIX = "_desc-models_summary.json"
+
+_SUMMARY_COLUMNS = {
+    "model": "feature model (stacked: the stacked best layers)",
+    "family": "model family for scaling curves (the family option, else the architecture)",
+    "n_parameters": "parameter count of the feature model",
+    "layer": "hidden state index (0 = embeddings); -1 for the stacked model",
+    "relative_depth": "layer / number of layers",
+    "mean_r": "mean test r over fitted voxels",
+    "median_r": "median test r over fitted voxels",
+    "mean_r2": "mean test R^2 over fitted voxels",
+    "mean_r_ceiling": "mean test r over voxels whose noise ceiling is at least the ceiling threshold",
+    "fraction_of_ceiling": "median of r / CC_max over voxels whose noise ceiling is at least the threshold",
+    "cv_score": "mean cross-validated training score (used to choose the best layer)",
+    "best": "the layer chosen by cross-validated training score",
+}
+
+
+class PartialOutputError(Exception):
+    """A participant's outputs are missing, incomplete or from another version."""
+
+
+def write_participant(result: ParticipantResult, experiment, cfg) -> Path:
+    """Write a participant's maps, arrays and tables; return its ``func`` folder."""
+    label = result.participant
+    space: Space = result.space
+    sub_dir = cfg.inputs.output_dir / f"sub-{label}"
+    final = sub_dir / "func"
+    staging = sub_dir / f".func.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        prefix = participant_prefix(label, experiment.runs, space.name if space.kind != "index" else None)
+        writer = _Writer(staging, prefix, space, result, _sources(experiment.runs, cfg))
+        _write_all(writer, result, cfg)
+        marker = {"Description": "one row per feature model and layer: whole-brain summaries of the test scores",
+                  "Columns": _SUMMARY_COLUMNS, "CeilingThreshold": cfg.outputs.ceiling_threshold,
+                  "GeneratedBy": {"Name": "bidsenc", "Version": __version__}, "Participant": label,
+                  "Prefix": prefix, "Models": {m.name: writer.labels[m.name] for m in result.models},
+                  "Files": sorted(writer.files)}
+        atomic_write_text(staging / f"{prefix}{MARKER_SUFFIX}", json.dumps(marker, indent=2) + "\n")
+        _swap_in(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("sub-%s: %d files written in %s", label, len(writer.files) + 1, final)
+    return final
+
+
+def _swap_in(staging: Path, final: Path) -> None:
+    old = final.parent / f".func.old-{os.getpid()}"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(staging, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_all(w: _Writer, result: ParticipantResult, cfg) -> None:
+    ceiling = result.cc_max
+    w.array("responses", valid=result.valid, cc_max=np.asarray(ceiling if ceiling is not None else [], np.float32),
+            **_space_arrays(result.space))
+    w.json("responses", "encoding", {"Description": "how the responses were prepared, split and scored",
+                                     **result.responses})
+    if result.space.kind == "volume" and "_task-" in w.prefix:  # BIDS masks of func data need a task
+        w.mask()
+    if ceiling is not None:
+        w.map("ceiling", "ccmax", ceiling, {"Description": STAT_LABELS["ccmax"],
+                                            "Floor": cfg.models.ceiling_floor})
+    extra = cfg.outputs.map_layers
+    for model in result.models:
+        desc = w.labels[model.name]
+        weights = {} if model.weights is None else {"weights": model.weights}
+        w.array(desc, stats=model.stats, stat_names=np.array(LAYER_STATS), layers=model.layers,
+                best_layer=np.array(model.best_layer), pvalue=model.pvalue, fdr=model.fdr,
+                model=np.array(json.dumps(model.description)), name=np.array(model.name), **weights)
+        for layer in _map_layers(extra, model):
+            best = layer == model.best_layer
+            meta = {"Model": model.description, "Layer": int(layer), "BestLayer": best,
+                    "LayerSelection": "highest mean cross-validated training score over fitted voxels"}
+            for stat, key in (("r", "r"), ("r2", "r2"), ("ccnorm", "cc_norm"), ("alpha", "alpha"),
+                              ("cvscore", "cv_score")):
+                if key == "cc_norm" and ceiling is None:
+                    continue
+                w.map(f"{desc}Layer{layer}", stat, model.stat(key, layer), meta)
+            if best:
+                logp = -np.log10(np.clip(model.pvalue, 1e-300, 1.0))
+                w.map(f"{desc}Layer{layer}", "logp", logp, {**meta, "Permutations": cfg.models.n_permutations,
+                                                             "Method": "circular shift of the prediction"})
+                w.map(f"{desc}Layer{layer}", "fdr", model.fdr.astype(np.float32),
+                      {**meta, "Q": cfg.models.fdr_q, "Method": "Benjamini-Hochberg"})
+    if result.stacked is not None:
+        s = result.stacked
+        w.array("stacked", names=np.array(s.names), weights=s.weights, r=s.r, r2=s.r2)
+        meta = {"Models": s.names, "Method": "stacked regression, convex per-voxel weights (Lin et al. 2024) "
+                "of each model's best layer, fitted on out-of-fold training predictions"}
+        w.map("stacked", "r", s.r, meta)
+        w.map("stacked", "r2", s.r2, meta)
+        for name, weights in zip(s.names, s.weights, strict=True):
+            w.map(f"stacked{w.labels[name][0].upper()}{w.labels[name][1:]}", "weight", weights,
+                  {**meta, "Model": name})
+    if result.banded is not None:
+        b = result.banded
+        w.array("banded", names=np.array(b.names), r=b.r, r2=b.r2, r2_split=b.r2_split, weights=b.weights)
+        meta = {"Models": b.names, "Method": "banded ridge (himalaya MultipleKernelRidgeCV, random search) of "
+                "each model's best layer, one kernel per model"}
+        w.map("banded", "r", b.r, meta)
+        w.map("banded", "r2", b.r2, meta)
+        for name, split in zip(b.names, b.r2_split, strict=True):
+            w.map(f"banded{w.labels[name][0].upper()}{w.labels[name][1:]}", "r2split", split, {**meta, "Model": name})
+    w.table("models", result.summary)
+    if not result.data_scaling.empty:
+        w.table("datascaling", result.data_scaling)
+
+
+def _map_layers(spec: str, model: ModelResult) -> list[int]:
+    chosen = {model.best_layer}
+    if spec == "all":
+        chosen |= set(int(x) for x in model.layers)
+    elif spec != "best":
+        for part in spec.split(","):
+            a, _, b = part.partition("-")
+            chosen |= {layer for layer in range(int(a), int(b or a) + 1) if layer in set(model.layers.tolist())}
+    return sorted(chosen)
+
+
+def _space_arrays(space: Space) -> dict:
+    out = {"kind": np.array(space.kind), "n_voxels": np.array(space.n_voxels),
+           "space_name": np.array(space.name or ""), "voxel_order": np.array(space.voxel_order)}
+    if space.mask is not None:
+        out |= {"mask": space.mask, "affine": space.affine}
+    if space.n_vertices is not None:
+        out["n_vertices"] = np.array(space.n_vertices)
+    return out
+
+
+def _sources(runs, cfg) -> list[str]:
+    """The BOLD files the results come from, as BIDS URIs where they lie in a linked dataset."""
+    roots = {"raw": cfg.inputs.bids_dir, **{k: Path(v) for k, v in cfg.inputs.derivatives.items()}}
+    out = []
+    for run in runs:
+        for path in run.bold.paths:
+            for name, root in sorted(roots.items(), key=lambda kv: -len(str(kv[1]))):
+                try:
+                    out.append(f"bids:{name}:{Path(path).absolute().relative_to(root.absolute()).as_posix()}")
+                    break
+                except ValueError:
+                    continue
+            else:
+                out.append(Path(path).absolute().as_uri())
+    return sorted(dict.fromkeys(out))
+
+
+class _Writer:
+    """Writes files named ``<prefix>_desc-<desc>_...`` into one folder and remembers them."""
+
+    def __init__(self, folder: Path, prefix: str, space: Space, result: ParticipantResult, sources: list[str]):
+        self.folder, self.prefix, self.space, self.result, self.sources = folder, prefix, space, result, sources
+        self.labels = model_labels([m.name for m in result.models])
+        self.files: list[str] = []
+
+    def _write(self, name: str, data: bytes) -> None:
+        atomic_write_bytes(self.folder / name, data)
+        self.files.append(name)
+
+    def json(self, desc: str, suffix: str, content: dict, prefix: str | None = None) -> None:
+        name = f"{prefix or self.prefix}_desc-{desc}_{suffix}.json"
+        self._write(name, (json.dumps(_plain(content), indent=2) + "\n").encode())
+
+    def array(self, desc: str, **arrays) -> None:
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        self._write(f"{self.prefix}_desc-{desc}_encoding.npz", buf.getvalue())
+
+    def table(self, desc: str, frame: pd.DataFrame) -> None:
+        self._write(f"{self.prefix}_desc-{desc}_summary.tsv",
+                    frame.to_csv(sep="\t", index=False, float_format="%.6g", na_rep="n/a").encode())
+
+    def mask(self) -> None:
+        import nibabel as nib
+
+        img = nib.Nifti1Image(self.space.to_volume(np.ones(self.space.n_voxels, np.float32)).astype(np.uint8),
+                              self.space.affine)
+        img.header.set_xyzt_units("mm")
+        name = f"{self.prefix}_desc-brain_mask.nii.gz"
+        self._write(name, gzip.compress(img.to_bytes(), mtime=0))
+        self._write(name.replace(".nii.gz", ".json"), json.dumps(
+            {"Type": "Brain", "Sources": self.sources, "Description": self.space.mask_source}, indent=2).encode())
+
+    def map(self, desc: str, stat: str, values: np.ndarray, meta: dict) -> None:
+        """One statistic over the fitted voxels, written in the data's own space with its sidecar."""
+        full = self.result.full(np.nan_to_num(np.asarray(values, dtype=np.float32)))
+        sidecar = {"Description": STAT_LABELS[stat], "Statistic": stat, **meta, "Sources": self.sources,
+                   "VoxelsLeftOut": int((~self.result.valid).sum()),
+                   "GeneratedBy": {"Name": "bidsenc", "Version": __version__}}
+        if self.space.kind == "volume":
+            import nibabel as nib
+
+            img = nib.Nifti1Image(self.space.to_volume(full), self.space.affine)
+            img.header.set_xyzt_units("mm")
+            base = f"{self.prefix}_desc-{desc}_stat-{stat}_statmap"
+            self._write(base + ".nii.gz", gzip.compress(img.to_bytes(), mtime=0))
+        elif self.space.kind == "surface":
+            n_left = self.space.n_vertices[0]
+            for hemi, part in (("L", full[:n_left]), ("R", full[n_left:])):
+                base = f"{with_hemi(self.prefix, hemi)}_desc-{desc}_stat-{stat}_statmap"
+                self._write(base + ".func.gii", _gifti_bytes(part))
+                self._write(base + ".json", (json.dumps(_plain(sidecar), indent=2) + "\n").encode())
+            return
+        else:  # voxel order of the source files, no geometry known
+            base = f"{self.prefix}_desc-{desc}_stat-{stat}_statmap"
+            buf = io.BytesIO()
+            np.save(buf, full)
+            self._write(base + ".npy", buf.getvalue())
+            sidecar["Format"] = "float32 vector in the voxel order of the preprocessed response files"
+        self._write(base + ".json", (json.dumps(_plain(sidecar), indent=2) + "\n").encode())
+
+
+def _gifti_bytes(values: np.ndarray) -> bytes:
+    import nibabel as nib
+
+    darray = nib.gifti.GiftiDataArray(np.asarray(values, np.float32), intent="NIFTI_INTENT_NONE",
+                                      datatype="NIFTI_TYPE_FLOAT32")
+    return nib.gifti.GiftiImage(darrays=[darray]).to_bytes()
+
+
+def _plain(obj):
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+# --------------------------------------------------------------------------- reading back
+
+def participant_labels(output_dir: Path) -> list[str]:
+    """Labels of every ``sub-*`` folder in ``output_dir`` (complete or not)."""
+    return sorted(p.name.removeprefix("sub-") for p in output_dir.glob("sub-*") if p.is_dir())
+
+
+def read_participant(output_dir: Path, label: str, *, version: str | None = __version__) -> ParticipantResult:
+    """Read a participant's outputs back; :class:`PartialOutputError` when they are missing or incomplete.
+
+    With ``version`` given, outputs written by another bidsenc version are refused too.
+    """
+    func = output_dir / f"sub-{label}" / "func"
+    markers = sorted(func.glob(f"*{MARKER_SUFFIX}")) if func.is_dir() else []
+    if len(markers) != 1:
+        raise PartialOutputError(f"sub-{label}: no complete outputs in {func} (the run did not finish)")
+    try:
+        marker = json.loads(markers[0].read_text())
+    except (OSError, ValueError) as err:
+        raise PartialOutputError(f"sub-{label}: {markers[0].name} is unreadable ({err})") from None
+    written_by = marker.get("GeneratedBy", {}).get("Version")
+    if version is not None and written_by != version:
+        raise PartialOutputError(f"sub-{label}: written by bidsenc {written_by}, not {version}; rerun it with "
+                                 "this version to include it")
+    missing = [f for f in marker.get("Files", []) if not (func / f).is_file()]
+    if missing:
+        raise PartialOutputError(f"sub-{label}: {len(missing)} output file(s) missing, e.g. {missing[0]}")
+    prefix = marker["Prefix"]
+    try:
+        resp = _load(func / f"{prefix}_desc-responses_encoding.npz")
+        space = _space(resp)
+        models = []
+        for name, desc in marker["Models"].items():
+            a = _load(func / f"{prefix}_desc-{desc}_encoding.npz")
+            models.append(ModelResult(name, json.loads(str(a["model"])), a["layers"], a["stats"],
+                                      int(a["best_layer"]), a["pvalue"], a["fdr"], a.get("weights")))
+        stacked = None
+        if (func / f"{prefix}_desc-stacked_encoding.npz").is_file():
+            a = _load(func / f"{prefix}_desc-stacked_encoding.npz")
+            stacked = StackedResult([str(n) for n in a["names"]], a["weights"], a["r"], a["r2"])
+        banded = None
+        if (func / f"{prefix}_desc-banded_encoding.npz").is_file():
+            a = _load(func / f"{prefix}_desc-banded_encoding.npz")
+            banded = BandedResult([str(n) for n in a["names"]], a["r"], a["r2"], a["r2_split"], a["weights"])
+        summary = pd.read_csv(func / f"{prefix}_desc-models_summary.tsv", sep="\t", na_values="n/a")
+        scaling_path = func / f"{prefix}_desc-datascaling_summary.tsv"
+        scaling = pd.read_csv(scaling_path, sep="\t", na_values="n/a") if scaling_path.is_file() else pd.DataFrame()
+        info = json.loads((func / f"{prefix}_desc-responses_encoding.json").read_text())
+    except (OSError, KeyError, ValueError) as err:
+        raise PartialOutputError(f"sub-{label}: unreadable outputs ({type(err).__name__}: {err})") from None
+    cc_max = resp["cc_max"] if resp["cc_max"].size else None
+    result = ParticipantResult(label, space, resp["valid"], models, cc_max, stacked, summary, scaling, info, banded)
+    result.responses["prefix"] = prefix
+    result.responses["ceiling_threshold"] = marker.get("CeilingThreshold", 0.3)
+    return result
+
+
+def _load(path: Path) -> dict:
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def _space(a: dict) -> Space:
+    kind = str(a["kind"])
+    n_vertices = tuple(int(x) for x in a["n_vertices"]) if "n_vertices" in a else None
+    return Space(kind, int(a["n_voxels"]), str(a["space_name"]) or None, mask=a.get("mask"),
+                 affine=a.get("affine"), n_vertices=n_vertices, voxel_order=str(a["voxel_order"]))
+
+
+__all__ = ["MARKER_SUFFIX", "PartialOutputError", "participant_labels", "read_participant", "write_participant"]

@@ -1,0 +1,379 @@
+"""The group level: read every participant's outputs, summarise scaling, write ``group.html`` and ``group/``.
+
+Nothing is refitted. Participants whose outputs are missing, incomplete or from
+another bidsenc version are skipped with a warning naming them. Tidy tables:
+
+``group/desc-models_summary.tsv``      every participant, model and layer (whole brain)
+``group/desc-regions_summary.tsv``     every participant, model (best layer) and region
+``group/desc-sizescaling_summary.tsv`` slope of each score per tenfold parameters, per family and region
+``group/desc-datascaling_summary.tsv`` data-scaling fits per model (and the subsets in ``..._subsets.tsv``)
+``group/desc-stacking_summary.tsv``    stacking gain per participant and region
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from .._io import atomic_write_bytes, atomic_write_text
+from ..errors import DataError, MissingInputError
+from . import figures as fig
+from .html import esc, figures, page, para, table
+from .scaling import loglinear_fit, scaling_fits
+
+log = logging.getLogger(__name__)
+
+WHOLE_BRAIN = "whole brain"
+
+
+def run_group(cfg) -> Path:
+    """Summarise every complete participant in ``output_dir``; return the report's path."""
+    from ..derivatives import PartialOutputError, participant_labels, read_participant
+
+    out = cfg.inputs.output_dir
+    labels = list(cfg.inputs.participant_label) or participant_labels(out)
+    results, skipped = [], []
+    for label in labels:
+        try:
+            results.append(read_participant(out, label))
+        except PartialOutputError as err:
+            log.warning("group level: skipping %s", err)
+            skipped.append(str(err))
+    if not results:
+        raise MissingInputError(f"no complete participant outputs in {out}"
+                                + (f" ({len(skipped)} incomplete or from another version)" if skipped else "")
+                                + "; run the participant level first: bidsenc BIDS_DIR OUTPUT_DIR participant")
+    atlas = load_atlas(cfg.outputs.atlas, cfg.outputs.atlas_labels) if cfg.outputs.atlas else None
+    threshold = cfg.outputs.ceiling_threshold
+    tables = group_tables(results, atlas, threshold)
+    group_dir = out / "group"
+    group_dir.mkdir(parents=True, exist_ok=True)
+    for name, frame in tables.items():
+        atomic_write_text(group_dir / f"desc-{name}_summary.tsv",
+                          frame.to_csv(sep="\t", index=False, float_format="%.6g", na_rep="n/a"))
+    maps, map_note = group_maps(results, group_dir)
+    report = out / "group.html"
+    atomic_write_text(report, page(f"bidsenc group report: {len(results)} participants",
+                                   _sections(results, tables, maps, map_note, skipped, atlas, threshold)))
+    log.info("group report: %s (%d participants, %d skipped)", report, len(results), len(skipped))
+    return report
+
+
+# --------------------------------------------------------------------------- regions
+
+class Atlas:
+    """Labelled regions in the participants' space: a label per voxel (or vertex) and their names."""
+
+    def __init__(self, kind: str, labels: np.ndarray, names: dict[int, str], source: str, affine=None):
+        self.kind, self.labels, self.names, self.source, self.affine = kind, labels, names, source, affine
+
+    def for_space(self, space, who: str) -> np.ndarray:
+        """The label of each of the space's voxels; a clear error when the atlas does not fit it."""
+        if self.kind == "volume" and space.kind == "volume":
+            if self.labels.shape != space.mask.shape or not np.allclose(self.affine, space.affine, atol=1e-3):
+                raise DataError(f"atlas {self.source} (shape {self.labels.shape}) does not match the space of "
+                                f"{who} (shape {space.mask.shape}, {space.name or 'native'}): give an atlas "
+                                "resampled to the participants' space and grid")
+            return space.from_volume(self.labels)
+        if self.kind == "surface" and space.kind == "surface":
+            if self.labels.size != sum(space.n_vertices):
+                raise DataError(f"atlas {self.source} has {self.labels.size} vertices, {who} "
+                                f"{sum(space.n_vertices)}: give label files on the participants' surface")
+            return self.labels
+        raise DataError(f"atlas {self.source} is a {self.kind} atlas but {who}'s maps are "
+                        f"{'arrays without geometry' if space.kind == 'index' else space.kind + 's'}")
+
+
+def load_atlas(paths, labels_tsv: Path) -> Atlas:
+    """A NIfTI label image, or GIfTI label files (left, right), with a TSV of ``index`` and ``name``."""
+    import nibabel as nib
+
+    try:
+        names_table = pd.read_csv(labels_tsv, sep="\t")
+        names = {int(i): str(n) for i, n in zip(names_table["index"], names_table["name"], strict=True)}
+    except (OSError, KeyError, ValueError) as err:
+        raise DataError(f"atlas labels {labels_tsv}: expected a TSV with the columns index and name ({err})") from None
+    paths = list(paths)
+    try:
+        if all(str(p).endswith(".gii") for p in paths):
+            labels = np.concatenate([np.asarray(nib.load(p).darrays[0].data).ravel() for p in paths])
+            return Atlas("surface", labels.astype(int), names, ", ".join(p.name for p in paths))
+        if len(paths) != 1:
+            raise DataError("--atlas: give one NIfTI label image, or two GIfTI label files (left, right)")
+        img = nib.load(paths[0])
+    except DataError:
+        raise
+    except Exception as err:
+        raise DataError(f"atlas {paths[0]}: not a readable label image ({err})") from None
+    data = np.asarray(img.dataobj)
+    if data.ndim != 3 or not np.allclose(data, np.round(data)):
+        raise DataError(f"atlas {paths[0]}: expected a 3D image of integer labels, got shape {data.shape}")
+    return Atlas("volume", np.round(data).astype(int), names, paths[0].name, img.affine)
+
+
+def _regions(result, atlas: Atlas | None) -> dict[str, np.ndarray]:
+    """Masks over the participant's fitted voxels: the whole brain, then each atlas region present."""
+    out = {WHOLE_BRAIN: np.ones(int(result.valid.sum()), bool)}
+    if atlas is not None:
+        labels = atlas.for_space(result.space, f"sub-{result.participant}")[result.valid]
+        for index, name in sorted(atlas.names.items()):
+            inside = labels == index
+            if index != 0 and inside.any():
+                out[name] = inside
+    return out
+
+
+# --------------------------------------------------------------------------- tables
+
+def group_tables(results, atlas: Atlas | None, threshold: float) -> dict[str, pd.DataFrame]:
+    """The tidy tables of the group level (see the module's docstring)."""
+    models = pd.concat([r.summary.assign(participant=r.participant) for r in results], ignore_index=True)
+    models = models[["participant", *[c for c in models.columns if c != "participant"]]]
+    region_rows, stacking_rows, scaling = [], [], []
+    for r in results:
+        regions = _regions(r, atlas)
+        for m in r.models:
+            score, norm = m.stat("r"), m.stat("cc_norm")
+            for name, inside in regions.items():
+                good = inside & (r.cc_max >= threshold) if r.cc_max is not None else None
+                region_rows.append({
+                    "participant": r.participant, "model": m.name, "family": m.family, "kind": m.description.get(
+                        "kind"), "n_parameters": m.n_parameters, "layer": m.best_layer, "region": name,
+                    "n_voxels": int(inside.sum()), "mean_r": float(score[inside].mean()),
+                    "mean_r_ceiling": float(score[good].mean()) if good is not None and good.any() else np.nan,
+                    "mean_cc_norm": float(norm[inside].mean()) if r.cc_max is not None else np.nan,
+                    "fraction_significant": float(m.fdr[inside].mean())})
+        if r.stacked is not None:
+            single = np.max([r.model(n).stat("r") for n in r.stacked.names], axis=0)
+            for name, inside in regions.items():
+                stacking_rows.append({"participant": r.participant, "region": name, "n_voxels": int(inside.sum()),
+                                      "stacked_r": float(r.stacked.r[inside].mean()),
+                                      "best_single_r": float(single[inside].mean()),
+                                      "gain": float((r.stacked.r[inside] - single[inside]).mean())})
+        if not r.data_scaling.empty:
+            scaling.append(r.data_scaling.assign(participant=r.participant))
+    regions = pd.DataFrame(region_rows)
+    tables = {"models": models, "regions": regions}
+
+    sized = regions.dropna(subset=["n_parameters"])
+    multi = sized.groupby("family")["n_parameters"].transform("nunique") >= 2
+    size_fits = []
+    for metric in ("mean_r", "mean_r_ceiling", "mean_cc_norm"):
+        if sized.loc[multi, metric].notna().any():
+            size_fits.append(scaling_fits(sized[multi], "n_parameters", metric, ["family", "region"]))
+    tables["sizescaling"] = pd.concat(size_fits, ignore_index=True) if size_fits else pd.DataFrame(
+        columns=["family", "region", "metric", "slope"])
+    if scaling:
+        subsets = pd.concat(scaling, ignore_index=True)
+        tables["datascalingsubsets"] = subsets
+        tables["datascaling"] = pd.concat([scaling_fits(subsets, "hours", metric, ["model"])
+                                           for metric in ("mean_r", "fraction_of_ceiling")
+                                           if subsets[metric].notna().any()], ignore_index=True)
+    if stacking_rows:
+        tables["stacking"] = pd.DataFrame(stacking_rows)
+    return tables
+
+
+# --------------------------------------------------------------------------- group maps
+
+def group_maps(results, group_dir: Path) -> tuple[dict, str]:
+    """Mean maps when every participant is in one standard space; else none and why."""
+    spaces = {(r.space.kind, r.space.name, _grid(r.space)) for r in results}
+    if len(spaces) != 1:
+        return {}, ("Participants are in different spaces (native spaces, as in ds003020, or several templates): "
+                    "no group maps; region-level and whole-brain summaries only.")
+    kind, name, _ = spaces.pop()
+    if kind == "index" or not name or name in ("T1w", "T2w", "boldref", "func", "anat"):
+        return {}, ("Participants are in their own native spaces: no group maps; region-level and whole-brain "
+                    "summaries only.")
+    space = results[0].space
+    out = {}
+    for model in results[0].models:
+        if not all(any(m.name == model.name for m in r.models) for r in results):
+            continue
+        stacks = {"r": [], "ccnorm": []}
+        for r in results:
+            m = r.model(model.name)
+            count = r.valid.astype(np.float32)
+            stacks["r"].append((r.full(m.stat("r")), count))
+            if r.cc_max is not None:
+                stacks["ccnorm"].append((r.full(m.stat("cc_norm")), count))
+        for stat, pairs in stacks.items():
+            if len(pairs) != len(results):
+                continue
+            total = np.sum([p[0] for p in pairs], axis=0)
+            n = np.sum([p[1] for p in pairs], axis=0)
+            mean = np.where(n > 0, total / np.maximum(n, 1), 0.0).astype(np.float32)
+            out[(model.name, stat)] = mean
+            _write_group_map(group_dir, space, model.name, stat, mean, len(results))
+    return out, (f"Group maps: mean over {len(results)} participants in {name} (voxels fitted in at least one "
+                 "participant).")
+
+
+def _grid(space):
+    if space.kind == "volume":
+        return (space.mask.shape, tuple(np.round(space.affine, 3).ravel()))
+    if space.kind == "surface":
+        return tuple(space.n_vertices)
+    return space.n_voxels
+
+
+def _write_group_map(group_dir: Path, space, model: str, stat: str, values: np.ndarray, n: int) -> None:
+    from ..derivatives.naming import bids_label
+
+    base = f"space-{bids_label(space.name)}_desc-{bids_label(model)}_stat-{stat}_statmap"
+    sidecar = {"Description": f"mean over {n} participants of each one's best-layer {stat}", "Model": model}
+    if space.kind == "volume":
+        import nibabel as nib
+
+        # the union of the participants' masks: recompute from the mean's support
+        img = nib.Nifti1Image(space.to_volume(values), space.affine)
+        atomic_write_bytes(group_dir / f"{base}.nii.gz", gzip.compress(img.to_bytes(), mtime=0))
+    else:
+        from ..derivatives.participant import _gifti_bytes
+
+        n_left = space.n_vertices[0]
+        for hemi, part in (("L", values[:n_left]), ("R", values[n_left:])):
+            atomic_write_bytes(group_dir / f"hemi-{hemi}_{base}.func.gii", _gifti_bytes(part))
+    atomic_write_text(group_dir / f"{base}.json", json.dumps(sidecar, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------- report
+
+def _sections(results, tables, maps, map_note, skipped, atlas, threshold) -> list[tuple[str, str, str]]:
+    models, regions, sizes = tables["models"], tables["regions"], tables["sizescaling"]
+    out = []
+    best = models[models["best"] & (models["model"] != "stacked")]
+    overview = (best.groupby("model", sort=False)
+                .agg(family=("family", "first"), parameters=("n_parameters", "first"),
+                     best_layer=("layer", lambda s: ", ".join(str(int(v)) for v in sorted(set(s)))),
+                     relative_depth=("relative_depth", "mean"), mean_r=("mean_r", "mean"),
+                     mean_r_ceiling=("mean_r_ceiling", "mean"), fraction_of_ceiling=("fraction_of_ceiling", "mean"))
+                .reset_index())
+    intro = [para(f"{len(results)} participants: {', '.join('sub-' + r.participant for r in results)}. "
+                  "Scores are each model's best layer (chosen per participant by cross-validated training score), "
+                  f"averaged over participants; 'ceiling' columns use voxels with CC_max >= {threshold:g}."),
+             table(overview)]
+    intro += [f'<div class="warn">{esc(s)}</div>' for s in skipped]
+    out.append(("overview", "Overview", "\n".join(intro)))
+
+    size_parts = []
+    sized = regions[(regions["region"] == WHOLE_BRAIN)].dropna(subset=["n_parameters"])
+    for family, group in sized.groupby("family"):
+        if group["n_parameters"].nunique() < 2:
+            continue
+        for metric, label in (("mean_r", "mean test r"), ("mean_r_ceiling", f"mean r (CC_max >= {threshold:g})"),
+                              ("mean_cc_norm", "mean r / noise ceiling (CC_norm)")):
+            if group[metric].notna().any():
+                row = sizes[(sizes["family"] == family) & (sizes["region"] == WHOLE_BRAIN) & (sizes["metric"] == metric)]
+                size_parts.append(_scaling_figure(group, "n_parameters", metric, f"{family}: {label}",
+                                                  "parameters", label, row.iloc[0] if len(row) else None))
+    if size_parts:
+        text = para("Each thin line is a participant, the thick line their mean, dashed the log-linear fit; the "
+                    "slope is per tenfold increase in parameters, its 95% interval across participants.")
+        out.append(("size", "Model size", text + figures(*size_parts) + table(
+            sizes[sizes["region"] == WHOLE_BRAIN][["family", "metric", "n_units", "n_points", "slope", "ci_low",
+                                                   "ci_high", "slope_mean"]], "{:.4f}")))
+    else:
+        out.append(("size", "Model size", para("No model family was fitted at two sizes or more: add models of "
+                                               "one family at several sizes (e.g. OPT 125M, 350M, 1.3B).", "note")))
+
+    if atlas is not None and not sizes.empty:
+        per_region = sizes[(sizes["region"] != WHOLE_BRAIN) & (sizes["metric"] == "mean_r")]
+        parts = []
+        for family, group in per_region.groupby("family"):
+            err = np.vstack([group["slope"] - group["ci_low"], group["ci_high"] - group["slope"]])
+            parts.append(fig.bars(list(group["region"]), group["slope"].to_numpy(),
+                                  f"{family}: slope per region", "r per tenfold parameters",
+                                  None if np.isnan(err).all() else np.nan_to_num(err)))
+        region_means = (regions.groupby(["region", "model"])["mean_r"].mean().unstack("model"))
+        out.append(("regions", "Regions", para(f"Atlas: {atlas.source}.") + figures(*parts)
+                    + table(region_means.reset_index())))
+
+    curves = {}
+    layered = models[models["model"] != "stacked"]
+    for name, group in layered.groupby("model", sort=False):
+        agg = group.groupby("relative_depth")["mean_r"].mean()
+        if len(agg) > 1:
+            curves[name] = (agg.index.to_numpy(), agg.to_numpy())
+    if curves:
+        marks = {name: (float(g["relative_depth"].mean()), float(g["mean_r"].mean()))
+                 for name, g in best.groupby("model")}
+        out.append(("layers", "Layers", figures(fig.lines(
+            curves, "test r by relative depth (mean over participants; star: mean best layer)", "relative depth",
+            "mean test r", marks=marks))))
+
+    if "datascaling" in tables:
+        subsets = tables["datascalingsubsets"]
+        parts = []
+        for name, group in subsets.groupby("model", sort=False):
+            per = group.groupby(["participant", "n_stories"], as_index=False).agg(hours=("hours", "mean"),
+                                                                                 mean_r=("mean_r", "mean"))
+            fit_row = tables["datascaling"]
+            fit_row = fit_row[(fit_row["model"] == name) & (fit_row["metric"] == "mean_r")]
+            parts.append(_scaling_figure(per, "hours", "mean_r", f"{name}: data scaling", "training data (hours)",
+                                         "mean test r", fit_row.iloc[0] if len(fit_row) else None))
+        out.append(("data", "Training data", para("Each model's best layer refitted on random subsets of the "
+                                                  "training stories; the slope is per tenfold more data.")
+                    + figures(*parts) + table(tables["datascaling"][["model", "metric", "n_units", "n_points",
+                                                                     "slope", "ci_low", "ci_high"]], "{:.4f}")))
+
+    if "stacking" in tables:
+        st = tables["stacking"].groupby("region")[["stacked_r", "best_single_r", "gain"]].agg(["mean", "sem"])
+        labels = list(st.index)
+        out.append(("stacking", "Stacking", figures(fig.bars(
+            labels, st[("gain", "mean")].to_numpy(), "stacking gain (stacked r - best single r)", "gain in r",
+            np.nan_to_num(st[("gain", "sem")].to_numpy())))
+            + table(tables["stacking"].groupby("region")[["stacked_r", "best_single_r", "gain"]].mean().reset_index(),
+                    "{:.4f}")))
+
+    map_parts = []
+    space = results[0].space
+    for (model, stat), values in maps.items():
+        map_parts.append(fig.brain_map(space, values, f"{model}: mean {stat}", vmax=1.0 if stat == "ccnorm" else None))
+    out.append(("maps", "Group maps", para(map_note, "note") + figures(*map_parts)))
+    return out
+
+
+def _scaling_figure(table: pd.DataFrame, x: str, y: str, title: str, xlabel: str, ylabel: str, fit_row) -> str:
+    """Participants (thin), their mean (thick) and the log-linear fit (dashed) on a log x axis."""
+    figure, ax = plt.subplots(figsize=(5.2, 3.8))
+    for _, g in table.groupby("participant"):
+        g = g.groupby(x)[y].mean()
+        ax.plot(g.index, g.to_numpy(), color="#9bbcd6", lw=1, marker="o", ms=3)
+    mean = table.groupby(x)[y].mean()
+    ax.plot(mean.index, mean.to_numpy(), color="#1b4f72", lw=2.5, marker="o", label="mean")
+    a, b = loglinear_fit(mean.index.to_numpy(), mean.to_numpy())
+    if np.isfinite(b):
+        xs = np.geomspace(mean.index.min(), mean.index.max(), 50)
+        label = f"fit: {b:+.3f} per tenfold"
+        if fit_row is not None and np.isfinite(fit_row["ci_low"]):
+            label += f" (95% CI {fit_row['ci_low']:+.3f} to {fit_row['ci_high']:+.3f})"
+        ax.plot(xs, a + b * np.log10(xs), color="#c0392b", ls="--", label=label)
+    ax.set_xscale("log")
+    ticks = np.unique(table[x].to_numpy(float))
+    if ticks.size <= 8:  # a few sizes: label each plainly
+        ax.set_xticks(ticks, [_short(t) for t in ticks])
+        ax.minorticks_off()
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig.embed(figure, title)
+
+
+def _short(value: float) -> str:
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if value >= scale:
+            return f"{value / scale:.3g}{suffix}"
+    return f"{value:.2g}"
+
+
+__all__ = ["Atlas", "group_maps", "group_tables", "load_atlas", "run_group"]

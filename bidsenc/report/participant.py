@@ -1,0 +1,164 @@
+"""The participant report ``output_dir/sub-<label>.html``: one self-contained page.
+
+It reads the participant's derivatives (never the fitting code's memory), so what
+it shows is what was written. A failed participant still gets a page: the data
+that were found and the error.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .._io import atomic_write_text
+from . import figures as fig
+from .html import esc, page, para, table
+from .html import figures as _figs
+
+log = logging.getLogger(__name__)
+
+
+def write_participant_report(output_dir: Path, label: str, experiment: dict | None, warnings: list[str],
+                             error: str | None = None) -> Path:
+    """Write ``sub-<label>.html`` from the participant's outputs (or the error that stopped it)."""
+    from ..derivatives import PartialOutputError, read_participant
+
+    sections = []
+    if error:
+        sections.append(("error", "Run failed", f'<div class="error">{esc(error)}</div>'))
+    if experiment:
+        sections.append(("data", "Data", _data_section(experiment)))
+    if not error:
+        try:
+            result = read_participant(output_dir, label)
+        except PartialOutputError as err:
+            sections.append(("error", "Outputs", f'<div class="error">{esc(err)}</div>'))
+        else:
+            sections += _result_sections(result)
+    sections.append(("warnings", "Warnings", "".join(f'<div class="warn">{esc(w)}</div>' for w in warnings)
+                     or para("No warnings.", "note")))
+    path = output_dir / f"sub-{label}.html"
+    atomic_write_text(path, page(f"bidsenc: sub-{label}", sections))
+    log.info("report: %s", path)
+    return path
+
+
+def _data_section(exp: dict) -> str:
+    runs = pd.DataFrame([{"run": r["name"], "TR (s)": r["tr"], "volumes": r["n_volumes"],
+                          "stories (onset s)": ", ".join(f"{s['story']} ({s['onset']:g})" for s in r["segments"]),
+                          "BOLD": r["bold"]["kind"] + (f" ({r['bold']['space']})" if r["bold"]["space"] else "")}
+                         for r in exp["runs"]])
+    stories = pd.DataFrame([{"story": sid, "words": s["n_words"] if s["n_words"] is not None else "n/a",
+                             "duration (s)": s["duration"], "presentations": s["presentations"],
+                             "audio": "yes" if s["audio"] else "no"} for sid, s in exp["stories"].items()])
+    parts = [para(f"Layout: {exp['layout']}; {len(exp['runs'])} story runs, {len(exp['stories'])} stories, "
+                  f"{sum(s['presentations'] > 1 for s in exp['stories'].values())} heard more than once."),
+             "<h3>Runs</h3>", table(runs, "{:.3g}"), "<h3>Stories</h3>", table(stories, "{:.1f}")]
+    if exp.get("skipped"):
+        parts += ["<h3>Skipped runs</h3>", table(pd.DataFrame(exp["skipped"]))]
+    return "\n".join(parts)
+
+
+def _result_sections(result) -> list[tuple[str, str, str]]:
+    info, space = result.responses, result.space
+    ceiling = result.cc_max
+    threshold = float(info.get("ceiling_threshold", 0.3))
+    out = []
+    resp = [f"Space: {info.get('space_name') or info.get('space')} ({info.get('mask')}).",
+            f"{info.get('n_fitted')} voxels fitted; {info.get('n_left_out', 0)} left out (constant or non-finite "
+            "responses; 0 in every map).", f"Cleaning: {info.get('cleaning')}.",
+            f"Training: {info.get('n_train_volumes')} volumes from {len(info.get('train_stories', []))} stories. "
+            f"Scoring: {info.get('scoring')}" + (f" ({', '.join(info['test_stories'])}, "
+                                                 f"{info['n_test_repeats']} repeats, {info['n_test_volumes']} volumes)."
+                                                 if info.get("test_stories") else ".")]
+    resp += [f"Note: {n}" for n in info.get("notes", [])]
+    out.append(("responses", "Responses", "".join(para(t) for t in resp)))
+
+    rows = []
+    for m in result.models:
+        d = m.description
+        r = m.stat("r")
+        rows.append({"model": m.name, "kind": d.get("kind"), "family": m.family,
+                     "parameters": f"{d.get('n_parameters', 0):,}", "layers fitted": len(m.layers),
+                     "best layer": m.best_layer, "mean r": float(r.mean()),
+                     f"mean r (CC_max >= {threshold:g})": float(r[ceiling >= threshold].mean())
+                     if ceiling is not None and (ceiling >= threshold).any() else np.nan,
+                     "voxels FDR-significant": int(m.fdr.sum())})
+    models = pd.DataFrame(rows)
+    out.append(("models", "Models", para("Best layer: the highest mean cross-validated training score over "
+                                         "fitted voxels (never the test score).") + table(models)))
+
+    maps = [fig.brain_map(space, result.full(m.stat("r")), f"{m.name}, layer {m.best_layer}: test r")
+            for m in result.models]
+    top = max(result.models, key=lambda m: float(m.stat("r").mean())) if result.models else None
+    if top is not None and ceiling is not None:
+        maps.append(fig.brain_map(space, result.full(top.stat("cc_norm")),
+                                  f"{top.name}, layer {top.best_layer}: CC_norm", vmax=1.0))
+    shown = [m for m in maps if m]
+    if shown:
+        out.append(("maps", "Maps", _figs(*shown)))
+    else:
+        out.append(("maps", "Maps", para("The data have no geometry to draw (voxel order of the source files "
+                                         "only); the maps are in the .npy files.", "note")))
+
+    curves = {m.name: (m.layers / max(m.description.get("n_layers") or len(m.layers) - 1, 1),
+                       m.stats[:, :, 0].mean(1)) for m in result.models if len(m.layers) > 1}
+    cv = {m.name: (m.layers / max(m.description.get("n_layers") or len(m.layers) - 1, 1),
+                   m.stats[:, :, 4].mean(1)) for m in result.models if len(m.layers) > 1}
+    marks = {m.name: (m.best_layer / max(m.description.get("n_layers") or len(m.layers) - 1, 1),
+                      float(m.stat("r").mean())) for m in result.models}
+    cv_marks = {m.name: (marks[m.name][0], float(m.stat("cv_score").mean())) for m in result.models}
+    if curves:
+        out.append(("layers", "Layers", _figs(
+            fig.lines(curves, "test r by layer (star: chosen layer)", "relative depth", "mean test r", marks=marks),
+            fig.lines(cv, "cross-validated training score by layer", "relative depth", "mean validation r",
+                      marks=cv_marks))))
+
+    if ceiling is not None:
+        parts = [fig.histogram({"CC_max": ceiling}, "noise ceiling", "CC_max"),
+                 fig.brain_map(space, result.full(ceiling), "noise ceiling CC_max", vmax=1.0)]
+        if top is not None:
+            parts.append(fig.scatter(ceiling, top.stat("r"), f"{top.name}: test r against the ceiling", "CC_max",
+                                     "test r", diagonal=True))
+        out.append(("ceiling", "Noise ceiling", para(
+            f"CC_max from {info.get('n_test_repeats')} repeats of the test stories; median "
+            f"{np.median(ceiling):.3f}, {(ceiling >= threshold).mean():.0%} of voxels at or above {threshold:g}.")
+            + _figs(*parts)))
+
+    if result.stacked is not None:
+        s = result.stacked
+        best_single = np.max([result.model(n).stat("r") for n in s.names], axis=0)
+        out.append(("stacking", "Stacking", para(
+            f"Stacked r: mean {s.r.mean():.3f} against {best_single.mean():.3f} for the best single model per "
+            "voxel.") + _figs(
+            fig.bars(list(s.names), s.weights.mean(1), "mean stacking weight", "weight"),
+            fig.histogram({"stacked": s.r, "best single model": best_single}, "stacked vs single", "test r"),
+            fig.brain_map(space, result.full(s.r), "stacked model: test r"))))
+
+    if result.banded is not None:
+        b = result.banded
+        out.append(("banded", "Banded ridge", para(
+            f"Joint fit of the best layers: mean test r {b.r.mean():.3f}; each model's share of the test R^2 "
+            "(himalaya r2_score_split) below.") + _figs(
+            fig.bars(list(b.names), b.r2_split.mean(1), "share of test R^2 per model", "mean R^2 share"),
+            fig.brain_map(space, result.full(b.r), "banded ridge: test r"))))
+
+    if not result.data_scaling.empty:
+        ds = result.data_scaling
+        curves, bands = {}, {}
+        for name, group in ds.groupby("model", sort=False):
+            agg = group.groupby("n_stories")["mean_r"].agg(["mean", "min", "max"])
+            curves[name] = (agg.index.to_numpy(), agg["mean"].to_numpy())
+            bands[name] = (agg.index.to_numpy(), agg["min"].to_numpy(), agg["max"].to_numpy())
+        out.append(("data", "Data scaling", para(
+            "Each model's best layer refitted on random subsets of the training stories (band: range over "
+            "subsets), scored on the same test data.") + _figs(
+            fig.lines(curves, "test r against training stories", "training stories", "mean test r", logx=True,
+                      bands=bands))))
+    return out
+
+
+__all__ = ["write_participant_report"]
