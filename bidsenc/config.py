@@ -135,6 +135,9 @@ class ModelConfig:
     #: Data scaling: random subsets of 1, 2, 4, ... training stories, this many seeds per
     #: size (0 turns it off); each model's best layer, same test set, alphas re-chosen.
     data_scaling_seeds: int = 3
+    #: Without test repeats, other participants (at most this many) who heard the same runs
+    #: in the same template space give an inter-subject ceiling; 0 turns it off.
+    intersubject_peers: int = 10
     #: Also fit the best layers of all feature spaces jointly by banded ridge (himalaya).
     banded: bool = False
     #: Keep the best layer's ridge weights in each model's array file (large: features x delays x voxels).

@@ -13,12 +13,12 @@ import time
 import numpy as np
 import pandas as pd
 
-from .align import AlignSettings
-from .align.design import features_for, split_responses
+from .align import AlignSettings, kept_rows
+from .align.design import clean_run, features_for, split_responses
 from .bids.bold import load_confounds, load_responses
 from .bids.experiment import Experiment
 from .config import RunConfig
-from .errors import DataError
+from .errors import DataError, MissingInputError
 from .models.cv import bootstrap_chunks, leave_stories_out
 from .models.encoding import (
     alpha_grid,
@@ -30,14 +30,19 @@ from .models.encoding import (
     significance,
     stack_spaces,
 )
-from .models.ridge import fit_and_score
+from .models.ridge import fit_and_score, pearson_r
 from .results import BandedResult, ModelResult, ParticipantResult, StackedResult
 
 log = logging.getLogger(__name__)
 
 
-def fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, device: str) -> ParticipantResult:
-    """Fit every feature space and layer for one participant; score, stack and scale them."""
+def fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, device: str,
+                    peers: list[Experiment] = ()) -> ParticipantResult:
+    """Fit every feature space and layer for one participant; score, stack and scale them.
+
+    ``peers`` are other participants' experiments: without test repeats, those who heard
+    the same runs in the same template space give an inter-subject ceiling.
+    """
     m = cfg.models
     reference = m.preset == "reference"
     settings = AlignSettings(preset=m.preset, lanczos_normalize=m.lanczos_normalize)
@@ -58,7 +63,9 @@ def fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, device
     if resp.test is None and not outer:
         raise DataError(f"sub-{label}: none of the test stories {test_stories} was heard")
     if not resp.valid.any():
-        raise DataError(f"sub-{label}: every voxel is constant or not finite in some run")
+        raise DataError(f"sub-{label}: every one of the {space.n_voxels} voxels is constant or not finite in some "
+                        f"of its {len(experiment.runs)} runs; check its BOLD files (e.g. with nilearn's "
+                        "plotting.plot_epi)")
     ceiling = None if outer else noise_ceiling(resp.test_repeats, floor=0.25 if reference else m.ceiling_floor)
     folds = _folds(resp.train_groups, reference, m.n_folds, seed)
     alphas = alpha_grid("reference" if reference else m.alphas)
@@ -66,6 +73,9 @@ def fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, device
     y_train = resp.train[:, valid]
     y_test = y_train if outer else resp.test[:, valid]
     ceil_v = ceiling[valid].astype(np.float32) if ceiling is not None else None
+    ceiling_info = {"kind": "cc_max", "description": "CC_max (Schoppe et al. 2016) from the test repeats"}
+    if outer:
+        ceil_v, ceiling_info = _intersubject_ceiling(experiment, list(peers), resp, space, settings, detrend, m)
     n_left_out = int((~valid).sum())
     if n_left_out:
         log.warning("sub-%s: %d voxels have constant or non-finite responses in some run and are left out "
@@ -140,12 +150,63 @@ def fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, device
         "test_stories": test_stories, "n_test_repeats": 0 if outer else int(len(resp.test_repeats)),
         "n_test_volumes": 0 if outer else int(len(y_test)), "n_train_volumes": int(len(y_train)),
         "scoring": "outer leave-stories-out cross-validation" if outer else "repeated test stories",
-        "noise_ceiling": "none" if ceiling is None else "CC_max (Schoppe et al. 2016) from the test repeats",
+        "noise_ceiling": ceiling_info,
         "train_stories": resp.story_names, "preset": m.preset,
         "delays_trs": settings.delay_trs(experiment.runs[0].tr), "tr": experiment.runs[0].tr,
         "notes": resp.notes}
     log.info("sub-%s: encoding models fitted in %.0f s", label, time.perf_counter() - t0)
     return ParticipantResult(label, space, valid, models, ceil_v, stacked, summary, scaling, info, banded)
+
+
+_NATIVE_SPACES = {None, "T1w", "T2w", "boldref", "func", "anat", "fsnative"}
+
+
+def _intersubject_ceiling(experiment, peers, resp, space, settings, detrend, m):
+    """Per voxel, the correlation of this participant's training responses with other participants' mean.
+
+    Only runs that other participants heard identically (same stories, onsets, volumes and
+    TR) in the same template space count; it is an inter-subject ceiling, labelled as such:
+    stimulus-driven signal shared across people, not the repeat-based CC_max.
+    """
+    none = {"kind": "none", "description": "no test repeats and no other participant on the same runs in the "
+                                           "same template space"}
+    if not peers or space.name in _NATIVE_SPACES or space.kind == "index":
+        return None, none
+    offsets = np.cumsum([0] + [len(kept_rows(run, settings, test=False)) for run in resp.train_runs])
+    total = np.zeros(resp.train.shape, dtype=np.float64)
+    count = np.zeros(len(resp.train))
+    used = []
+    for peer in peers:
+        theirs = {_timing(run): run for run in peer.runs}
+        pairs = [(i, theirs[_timing(run)]) for i, run in enumerate(resp.train_runs) if _timing(run) in theirs]
+        if not pairs:
+            continue
+        try:
+            ys, _ = load_responses([run for _, run in pairs], like=space)
+        except (DataError, MissingInputError) as err:
+            log.info("inter-subject ceiling: sub-%s left out (%s)", peer.participant, err.message)
+            continue
+        for (i, run), y in zip(pairs, ys, strict=True):
+            rows = kept_rows(run, settings, test=False)
+            total[offsets[i]:offsets[i] + len(rows)] += clean_run(y, run, detrend=detrend, high_pass=m.high_pass)[rows]
+            count[offsets[i]:offsets[i] + len(rows)] += 1
+        used.append(peer.participant)
+    have = count > 0
+    if not used or have.sum() < 20:
+        return None, none
+    others = (total[have] / count[have, None])[:, resp.valid]
+    ceiling = np.nan_to_num(pearson_r(others, resp.train[have][:, resp.valid])).astype(np.float32)
+    log.info("inter-subject ceiling from %d other participants over %d volumes: median %.3f", len(used),
+             int(have.sum()), float(np.median(ceiling)))
+    return ceiling, {"kind": "intersubject", "peers": used, "n_volumes": int(have.sum()),
+                     "description": "inter-subject ceiling: correlation of this participant's responses with the "
+                                    f"mean of {len(used)} other participants' on the same runs (leave-one-"
+                                    "participant-out), not a repeat-based ceiling"}
+
+
+def _timing(run):
+    return (tuple((seg.story_id, round(seg.onset, 2)) for seg in run.segments), run.n_volumes, run.tr,
+            run.trimmed_start, run.trimmed_end)
 
 
 def _cleaning(detrend: bool, high_pass, confounds, patterns) -> str:

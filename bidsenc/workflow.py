@@ -33,7 +33,7 @@ def participant(cfg: RunConfig, dataset: Dataset, label: str, logs_dir: Path, ru
         experiment = _discover_and_record(cfg, dataset, label, logs_dir)
         spaces = extract_features(cfg, experiment.stories, device)
         _record_features(run_dir / f"features-sub-{label}.json", spaces)
-        result = fit_participant(cfg, experiment, spaces, device)
+        result = fit_participant(cfg, experiment, spaces, device, _peers(cfg, dataset, experiment))
         write_participant(result, experiment, cfg)
     except BidsencError as err:
         error = err.message
@@ -45,6 +45,26 @@ def participant(cfg: RunConfig, dataset: Dataset, label: str, logs_dir: Path, ru
         logging.getLogger("bidsenc").removeHandler(warnings)
         if cfg.outputs.reports:
             _participant_report(out, label, experiment, warnings.messages, error)
+
+
+def _peers(cfg: RunConfig, dataset: Dataset, experiment) -> list:
+    """Without test repeats: other participants' experiments, for an inter-subject ceiling."""
+    n = cfg.models.intersubject_peers
+    if n <= 0 or cfg.models.test_stories or experiment.repeated_stories:
+        return []
+    stories = set(experiment.stories)
+    peers = []
+    for label in dataset.participants():
+        if label == experiment.participant or len(peers) >= n:
+            continue
+        try:
+            other = discover(dataset, cfg, label)
+        except BidsencError as err:
+            log.info("inter-subject ceiling: sub-%s not usable (%s)", label, err.message)
+            continue
+        if stories & set(other.stories):
+            peers.append(other)
+    return peers
 
 
 def _participant_report(out: Path, label: str, experiment, warnings: list[str], error: str | None) -> None:

@@ -8,10 +8,8 @@ import pytest
 from bidsenc.align import (
     AlignSettings,
     delay,
-    delay_concatenated,
     kept_rows,
     lanczos_resample,
-    run_design,
     run_features,
     volume_times,
     zscore,
@@ -95,23 +93,30 @@ def test_volume_times_and_onsets():
 
 
 def test_default_delays_never_cross_runs():
-    settings = AlignSettings()
-    loud = {"a": (np.arange(0, 110, 0.3), np.full((len(np.arange(0, 110, 0.3)), 2), 5.0))}
-    silent_start = {"b": (np.arange(30, 110, 0.3), np.ones((len(np.arange(30, 110, 0.3)), 2)))}
+    """Run 2's rows of the training design are the same whether run 1 (loud to its end) precedes it or not."""
+    from bidsenc.align.design import Responses, features_for
+
+    times_a, times_b = np.arange(0, 110, 0.3), np.arange(30, 110, 0.3)
+    rng = np.random.default_rng(0)
+    features = {"a": (times_a, 5 + rng.normal(size=(len(times_a), 2))),
+                "b": (times_b, rng.normal(size=(len(times_b), 2)))}  # story b is silent for its first 30 s
     run1, run2 = _run("r1", story="a"), _run("r2", story="b", onset=0.0)
-    features = {**loud, **silent_start}
-    d2 = run_design(run2, features, settings, test=False)
-    # run 2 alone is what its rows are: nothing of run 1 (its loud end) reaches them
-    raw2 = delay(run_features(run2, features, settings), settings.delay_trs(2.0))[kept_rows(run2, settings, False)]
-    np.testing.assert_allclose(d2, zscore(raw2))
-    assert settings.delay_trs(2.0) == [1, 2, 3, 4] and settings.delay_trs(1.5) == [2, 3, 4, 5]
-    # the reference preset, by contrast, delays across the concatenation
-    ref = AlignSettings(preset="reference")
-    blocks = [run_design(r, features, ref, test=False) for r in (run1, run2)]
-    crossed = delay_concatenated(blocks, ref, 2.0)
-    n1 = len(blocks[0])
-    np.testing.assert_allclose(crossed[n1, 0:2], blocks[0][-1])  # delay 1 of run 2 row 0 = run 1 last row
-    np.testing.assert_allclose(crossed[n1, 2:4], blocks[0][-2])
+
+    def design(runs, settings):
+        rows = [kept_rows(r, settings, test=False) for r in runs]
+        resp = Responses(np.zeros((sum(map(len, rows)), 1), np.float32),
+                         np.concatenate([np.full(len(r), i) for i, r in enumerate(rows)]), [r.name for r in runs],
+                         None, None, np.ones(1, bool), train_runs=runs)
+        return features_for(resp, features, settings)[0]
+
+    for settings in (AlignSettings(), AlignSettings(preset="reference")):
+        both, alone = design([run1, run2], settings), design([run2], settings)
+        n1 = len(both) - len(alone)
+        if settings.preset == "default":
+            np.testing.assert_array_equal(both[n1:], alone)  # no trace of run 1 in run 2's rows
+        else:  # the reference preset delays across the concatenation: run 1's end reaches run 2's start
+            assert not np.allclose(both[n1:n1 + 4], alone[:4])
+    assert AlignSettings().delay_trs(2.0) == [1, 2, 3, 4] and AlignSettings().delay_trs(1.5) == [2, 3, 4, 5]
 
 
 def test_trims_count_from_the_acquired_run():

@@ -440,3 +440,42 @@ def test_banded_ridge_outputs(demo, tmp_path):
     assert np.array_equal(split[result.space.mask], result.full(b.r2_split[1]))
     assert ">Banded ridge</h2>" in (tmp_path / "out" / "sub-01.html").read_text()
     assert "banded" in set(back.summary["model"])
+
+
+def test_a_participant_with_only_constant_voxels_is_skipped(demo, tiny_lm, tmp_path):
+    root, _ = demo
+    ds = tmp_path / "ds"
+    shutil.copytree(root / "ds", ds)
+    for path in (ds / "sub-02").rglob("*_bold.nii.gz"):
+        img = nib.load(path)
+        nib.save(nib.Nifti1Image(np.full(img.shape, 100, np.int16), img.affine, img.header), path)
+    common = ["--feature", f"lm:{tiny_lm}:min_context=32", "-w", str(tmp_path / "w"), "--skip-bids-validation",
+              "--n-permutations", "10", "--data-scaling-seeds", "0", "--no-reports"]
+    out = tmp_path / "out"
+    assert bidsenc_main([str(ds), str(out), "participant", *common]) == 0
+    log = "".join(p.read_text() for p in (out / "logs").glob("*/bidsenc.log"))
+    assert "sub-02 skipped: sub-02: every one of the" in log and "1 of 2 participants skipped" in log
+    assert read_participant(out, "01").models and not (out / "sub-02" / "func").exists()
+    assert bidsenc_main([str(ds), str(tmp_path / "o2"), "participant", "--participant-label", "02", *common]) == 65
+
+
+def test_gifti_label_atlas_on_a_surface(tmp_path):
+    from bidsenc.bids.bold import Space
+    from bidsenc.errors import DataError
+    from bidsenc.report.group import load_atlas
+
+    paths = []
+    for hemi, labels in (("L", [1, 1, 2, 0]), ("R", [2, 2, 1, 1])):
+        img = nib.gifti.GiftiImage(darrays=[nib.gifti.GiftiDataArray(np.array(labels, np.int32),
+                                                                     intent="NIFTI_INTENT_LABEL")])
+        paths.append(tmp_path / f"atlas_hemi-{hemi}.label.gii")
+        nib.save(img, paths[-1])
+    (tmp_path / "names.tsv").write_text("index\tname\n1\tauditory\n2\tlanguage\n")
+    atlas = load_atlas(paths, tmp_path / "names.tsv")
+    space = Space("surface", 8, "fsaverage", n_vertices=(4, 4))
+    assert list(atlas.for_space(space, "sub-01")) == [1, 1, 2, 0, 2, 2, 1, 1]
+    with pytest.raises(DataError, match="has 8 vertices, sub-01 10"):
+        atlas.for_space(Space("surface", 10, "fsaverage", n_vertices=(5, 5)), "sub-01")
+    with pytest.raises(DataError, match="expected a TSV with the columns index and name"):
+        (tmp_path / "bad.tsv").write_text("label\tregion\n1\tx\n")
+        load_atlas(paths, tmp_path / "bad.tsv")

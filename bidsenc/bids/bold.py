@@ -60,17 +60,22 @@ class Space:
         return np.asarray(volume)[self.mask]
 
 
-def load_responses(runs: list[Run], mask_path: Path | None = None) -> tuple[list[np.ndarray], Space]:
+def load_responses(runs: list[Run], mask_path: Path | None = None, *,
+                   like: Space | None = None) -> tuple[list[np.ndarray], Space]:
     """Read every run's responses as float32 ``[n_volumes, n_voxels]`` in one shared space.
 
     For volumes, the mask is the runs' own brain mask when given (fMRIPrep), else one
     computed from the EPI images with nilearn (``compute_multi_epi_mask``); the
-    columns are the voxels inside it.
+    columns are the voxels inside it. With ``like``, the responses are read in that
+    space instead (another participant's mask on the same template grid), so their
+    columns line up with it; a different grid is a :class:`DataError`.
     """
     kinds = {run.bold.kind for run in runs}
     if len(kinds) != 1:
         raise DataError(f"a participant's runs mix BOLD kinds ({', '.join(sorted(kinds))}); select one space")
     kind = kinds.pop()
+    if like is not None:
+        return _load_like(runs, kind, like)
     if kind == "nifti":
         return _load_nifti(runs, mask_path)
     if kind == "gifti":
@@ -112,6 +117,23 @@ def _load_nifti(runs: list[Run], mask_path: Path | None) -> tuple[list[np.ndarra
     space = Space("volume", int(mask.sum()), runs[0].bold.space, mask=mask, affine=imgs[0].affine,
                   mask_source=source)
     return responses, space
+
+
+def _load_like(runs: list[Run], kind: str, like: Space) -> tuple[list[np.ndarray], Space]:
+    if kind == "gifti" and like.kind == "surface":
+        responses, space = _load_gifti(runs)
+        if space.n_vertices != like.n_vertices:
+            raise DataError(f"{runs[0].name}: {space.n_vertices} vertices, not {like.n_vertices}")
+        return responses, like
+    if kind != "nifti" or like.kind != "volume" or like.voxel_order != "C":
+        raise DataError(f"{runs[0].name}: its {kind} data cannot be read in a {like.kind} space")
+    responses = []
+    for run in runs:
+        img = _nib_load(run.bold.paths[0])
+        if img.shape[:3] != like.mask.shape or not np.allclose(img.affine, like.affine, atol=1e-3):
+            raise DataError(f"{run.name}: its voxel grid differs from the reference participant's")
+        responses.append(np.ascontiguousarray(np.asarray(img.dataobj, dtype=np.float32)[like.mask].T))
+    return responses, like
 
 
 def _load_gifti(runs: list[Run]) -> tuple[list[np.ndarray], Space]:

@@ -20,7 +20,7 @@ from pathlib import Path
 from .. import __version__
 from .._io import atomic_write_text
 from ..config import FeatureSpec, RunConfig, build_config, parse_key_path
-from ..errors import BidsencError, IOFailure, OutputError, UsageError
+from ..errors import BidsencError, DataError, IOFailure, OutputError, UsageError
 from .parser import build_parser
 
 log = logging.getLogger("bidsenc")
@@ -146,8 +146,21 @@ def _run(cfg: RunConfig, logs_dir: Path, run_dir: Path) -> None:
     if cfg.execution.features_only:
         workflow.features_only(cfg, dataset, labels, logs_dir, run_dir, device)
         return
+    failed: list[DataError] = []
     for label in labels:
-        workflow.participant(cfg, dataset, label, logs_dir, run_dir, device)
+        try:
+            workflow.participant(cfg, dataset, label, logs_dir, run_dir, device)
+        except DataError as err:
+            if len(labels) == 1:
+                raise
+            log.error("sub-%s skipped: %s", label, err.message)  # one participant's bad data: go on with the rest
+            failed.append(err)
+    if failed and len(failed) == len(labels):
+        raise DataError(f"no participant could be analysed ({len(failed)} skipped; see the log); first: "
+                        f"{failed[0].message}")
+    if failed:
+        log.warning("%d of %d participants skipped for bad data (see the errors above); the others are done",
+                    len(failed), len(labels))
 
 
 def _fail(err: BidsencError) -> int:

@@ -15,12 +15,13 @@ import re
 STAT_LABELS = {
     "r": "Pearson correlation between prediction and response on the held-out test data",
     "r2": "coefficient of determination (R^2) on the held-out test data",
-    "ccnorm": "test r divided by the noise ceiling CC_max (Schoppe et al. 2016)",
+    "ccnorm": "test r divided by the noise ceiling (CC_max, or the inter-subject ceiling without repeats)",
     "alpha": "ridge regularisation chosen by cross-validation on the training data (himalaya's convention)",
     "cvscore": "cross-validated training score (mean validation r over folds) at the chosen alpha",
     "logp": "-log10 of the per-voxel p-value (circular shifts of the prediction against the test response)",
     "fdr": "1 where the voxel is significant at the FDR level (Benjamini-Hochberg), else 0",
     "ccmax": "noise ceiling: CC_max from the test repeats (Schoppe et al. 2016)",
+    "isc": "inter-subject ceiling: correlation with the mean response of other participants on the same runs",
     "r2split": "this model's share of the banded-ridge test R^2 (himalaya r2_score_split)",
     "weight": "stacking weight of this model's best layer (convex weights, summing to 1 over models)",
 }

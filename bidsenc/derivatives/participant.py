@@ -112,8 +112,10 @@ def _write_all(w: _Writer, result: ParticipantResult, cfg) -> None:
     if result.space.kind == "volume" and "_task-" in w.prefix:  # BIDS masks of func data need a task
         w.mask()
     if ceiling is not None:
-        w.map("ceiling", "ccmax", ceiling, {"Description": STAT_LABELS["ccmax"],
-                                            "Floor": cfg.models.ceiling_floor})
+        kind = result.responses.get("noise_ceiling", {}).get("kind", "cc_max")
+        stat = "isc" if kind == "intersubject" else "ccmax"
+        w.map("ceiling", stat, ceiling, {"Description": STAT_LABELS[stat], "Floor": cfg.models.ceiling_floor,
+                                         "Ceiling": result.responses.get("noise_ceiling")})
     extra = cfg.outputs.map_layers
     for model in result.models:
         desc = w.labels[model.name]

@@ -123,10 +123,12 @@ def _result_sections(result) -> list[tuple[str, str, str]]:
         if top is not None:
             parts.append(fig.scatter(ceiling, top.stat("r"), f"{top.name}: test r against the ceiling", "CC_max",
                                      "test r", diagonal=True))
+        about = info.get("noise_ceiling", {})
+        what = (about.get("description", "") if isinstance(about, dict) and about.get("kind") == "intersubject"
+                else f"CC_max from {info.get('n_test_repeats')} repeats of the test stories")
         out.append(("ceiling", "Noise ceiling", para(
-            f"CC_max from {info.get('n_test_repeats')} repeats of the test stories; median "
-            f"{np.median(ceiling):.3f}, {(ceiling >= threshold).mean():.0%} of voxels at or above {threshold:g}.")
-            + _figs(*parts)))
+            f"{what}; median {np.median(ceiling):.3f}, {(ceiling >= threshold).mean():.0%} of voxels at or above "
+            f"{threshold:g}.") + _figs(*parts)))
 
     if result.stacked is not None:
         s = result.stacked
