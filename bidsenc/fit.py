@@ -15,7 +15,7 @@ import pandas as pd
 
 from .align import AlignSettings, kept_rows
 from .align.design import clean_run, features_for, split_responses
-from .bids.bold import load_confounds, load_responses
+from .bids.bold import find_regions, load_confounds, load_responses
 from .bids.experiment import Experiment
 from .config import RunConfig
 from .errors import DataError, MissingInputError
@@ -154,8 +154,13 @@ def fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, device
         "train_stories": resp.story_names, "preset": m.preset,
         "delays_trs": settings.delay_trs(experiment.runs[0].tr), "tr": experiment.runs[0].tr,
         "notes": resp.notes}
+    regions = find_regions(experiment.runs, space)
+    labels, names = (None, {})
+    if regions is not None:
+        labels, names, info["regions"] = regions[0][valid], regions[1], regions[2]
     log.info("sub-%s: encoding models fitted in %.0f s", label, time.perf_counter() - t0)
-    return ParticipantResult(label, space, valid, models, ceil_v, stacked, summary, scaling, info, banded)
+    return ParticipantResult(label, space, valid, models, ceil_v, stacked, summary, scaling, info, banded,
+                             labels, names)
 
 
 _NATIVE_SPACES = {None, "T1w", "T2w", "boldref", "func", "anat", "fsnative"}

@@ -80,6 +80,10 @@ class ParticipantResult:
     data_scaling: pd.DataFrame = field(default_factory=pd.DataFrame)  # one row per subset fit
     responses: dict = field(default_factory=dict)                     # how responses were prepared and split
     banded: BandedResult | None = None
+    #: The participant's own regions (e.g. fMRIPrep's aparcaseg on the BOLD grid): a label per
+    #: fitted voxel and the names of the labels; empty when none was found.
+    region_labels: np.ndarray | None = None
+    region_names: dict = field(default_factory=dict)
 
     def full(self, values: np.ndarray) -> np.ndarray:
         """``values`` over the fitted voxels, spread to every voxel of the space (0 elsewhere)."""

@@ -110,3 +110,27 @@ def test_participant_job_finds_its_peers(tmp_path, tiny_lm):
     result = read_participant(out, "02")
     assert result.responses["noise_ceiling"]["peers"] == ["01", "03"]
     assert list((out / "sub-02" / "func").glob("*_desc-ceiling_stat-isc_statmap.nii.gz"))
+
+
+def test_own_regions_from_fmriprep_aparcaseg(tmp_path):
+    """fMRIPrep's parcellation on the BOLD grid gives each participant regions, used by the group tables."""
+    from bidsenc.derivatives import read_participant, write_participant
+    from bidsenc.report.group import group_tables
+
+    signal = _dataset(tmp_path / "ds")
+    func = tmp_path / "ds" / "derivatives" / "fmriprep" / "sub-01" / "func"
+    labels = np.where(signal, 1030, 2030).reshape(4, 4, 2).astype(np.int16)
+    nib.save(nib.Nifti1Image(labels, np.diag([3.0, 3.0, 3.0, 1.0])),
+             func / "sub-01_task-story_space-MNI152NLin2009cAsym_desc-aparcaseg_dseg.nii.gz")
+    cfg = configure([str(tmp_path / "ds"), str(tmp_path / "out"), "participant", "--feature", "lm:m",
+                     "--n-permutations", "10", "--data-scaling-seeds", "0"])
+    exp = discover(open_dataset(cfg), cfg, "01")
+    result = fit_participant(cfg, exp, [RandomSpace(exp.stories)], "cpu")
+    assert result.region_names == {1030: "ctx-lh-superiortemporal", 2030: "ctx-rh-superiortemporal"}
+    assert np.array_equal(result.region_labels == 1030, signal[result.valid])
+    write_participant(result, exp, cfg)
+    back = read_participant(tmp_path / "out", "01")
+    assert back.region_names == result.region_names and np.array_equal(back.region_labels, result.region_labels)
+    regions = group_tables([back], None, 0.3)["regions"]
+    assert set(regions["region"]) == {"whole brain", "ctx-lh-superiortemporal", "ctx-rh-superiortemporal"}
+    assert regions.set_index("region").loc["ctx-lh-superiortemporal", "n_voxels"] == signal.sum()

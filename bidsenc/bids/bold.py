@@ -194,6 +194,57 @@ def _pycortex_mask(hdf5_path: Path, n_voxels: int):
     return None
 
 
+#: Desikan-Killiany cortical labels of FreeSurfer's aparc+aseg (FreeSurferColorLUT): 1000 + i on the
+#: left, 2000 + i on the right; used when fMRIPrep's segmentation comes without a dseg.tsv.
+_DK_REGIONS = (
+    "bankssts", "caudalanteriorcingulate", "caudalmiddlefrontal", "corpuscallosum", "cuneus", "entorhinal",
+    "fusiform", "inferiorparietal", "inferiortemporal", "isthmuscingulate", "lateraloccipital",
+    "lateralorbitofrontal", "lingual", "medialorbitofrontal", "middletemporal", "parahippocampal", "paracentral",
+    "parsopercularis", "parsorbitalis", "parstriangularis", "pericalcarine", "postcentral", "posteriorcingulate",
+    "precentral", "precuneus", "rostralanteriorcingulate", "rostralmiddlefrontal", "superiorfrontal",
+    "superiorparietal", "superiortemporal", "supramarginal", "frontalpole", "temporalpole", "transversetemporal",
+    "insula")
+
+
+def find_regions(runs: list[Run], space: Space) -> tuple[np.ndarray, dict[int, str], str] | None:
+    """The participant's own cortical regions on its voxels, from fMRIPrep's ``desc-aparcaseg_dseg``.
+
+    fMRIPrep writes the FreeSurfer parcellation resampled to the BOLD grid beside the
+    runs (``func/``) or in ``anat/``; one on exactly the responses' grid is used, with
+    the names of its ``dseg.tsv`` or else FreeSurfer's Desikan-Killiany names.
+    Returns (label per voxel, {label: name}, file name), or None when there is none.
+    """
+    if space.kind != "volume" or space.voxel_order != "C" or runs[0].bold.kind != "nifti":
+        return None
+    folder = runs[0].bold.paths[0].parent
+    subject = runs[0].bold.paths[0].name.split("_")[0]
+    candidates = sorted(folder.glob(f"{subject}_*desc-aparcaseg_dseg.nii*"))
+    candidates += sorted((folder.parent / "anat").glob(f"{subject}_*desc-aparcaseg_dseg.nii*"))
+    for path in candidates:
+        img = _nib_load(path)
+        if img.shape[:3] != space.mask.shape or not np.allclose(img.affine, space.affine, atol=1e-3):
+            continue
+        labels = np.rint(np.asarray(img.dataobj)).astype(np.int32)[space.mask]
+        names = _dseg_names(path)
+        present = {int(i) for i in np.unique(labels)}
+        return labels, {i: n for i, n in names.items() if i in present}, path.name
+    return None
+
+
+def _dseg_names(path: Path) -> dict[int, str]:
+    table = path.with_name(path.name.split(".nii")[0] + ".tsv")
+    if table.is_file():
+        import pandas as pd
+
+        try:
+            frame = pd.read_csv(table, sep="\t")
+            return {int(i): str(n) for i, n in zip(frame["index"], frame["name"], strict=True)}
+        except (KeyError, ValueError) as err:
+            log.warning("%s: expected the columns index and name (%s); using FreeSurfer's names", table.name, err)
+    return {base + i + 1: f"{hemi}-{name}" for base, hemi in ((1000, "ctx-lh"), (2000, "ctx-rh"))
+            for i, name in enumerate(_DK_REGIONS)}
+
+
 def load_confounds(run: Run, patterns: tuple[str, ...]) -> np.ndarray | None:
     """The run's fMRIPrep confounds named by ``patterns`` (shell patterns, e.g. ``trans_*``), as a float array.
 
@@ -238,4 +289,4 @@ def _nib_load(path: Path):
         raise DataError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
 
 
-__all__ = ["Space", "load_confounds", "load_responses"]
+__all__ = ["Space", "find_regions", "load_confounds", "load_responses"]

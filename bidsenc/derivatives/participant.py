@@ -16,8 +16,10 @@ Array files (``*_encoding.npz``, read with ``np.load(allow_pickle=False)``):
     (features vary fastest within each delay block, delays in ``delays_trs`` order).
 ``desc-responses_encoding.npz``
     ``valid`` (which of the space's voxels were fitted), ``cc_max`` (over the fitted
-    voxels; empty without repeats), and the space: ``kind``, ``mask``, ``affine``,
-    ``voxel_order`` or ``n_vertices``.
+    voxels; empty without repeats), the space (``kind``, ``mask``, ``affine``,
+    ``voxel_order`` or ``n_vertices``), and when the participant has its own regions
+    (fMRIPrep's aparcaseg on the BOLD grid) ``region_labels`` per fitted voxel and
+    ``region_names`` (JSON).
 ``desc-stacked_encoding.npz``
     ``names``, ``weights[model, voxel]``, ``r``, ``r2`` over the fitted voxels.
 ``desc-banded_encoding.npz`` (with ``--banded-ridge``)
@@ -105,8 +107,10 @@ def _swap_in(staging: Path, final: Path) -> None:
 
 def _write_all(w: _Writer, result: ParticipantResult, cfg) -> None:
     ceiling = result.cc_max
+    regions = {} if result.region_labels is None else {
+        "region_labels": result.region_labels, "region_names": np.array(json.dumps(result.region_names))}
     w.array("responses", valid=result.valid, cc_max=np.asarray(ceiling if ceiling is not None else [], np.float32),
-            **_space_arrays(result.space))
+            **_space_arrays(result.space), **regions)
     w.json("responses", "encoding", {"Description": "how the responses were prepared, split and scored",
                                      **result.responses})
     if result.space.kind == "volume" and "_task-" in w.prefix:  # BIDS masks of func data need a task
@@ -340,7 +344,9 @@ def read_participant(output_dir: Path, label: str, *, version: str | None = __ve
     except (OSError, KeyError, ValueError) as err:
         raise PartialOutputError(f"sub-{label}: unreadable outputs ({type(err).__name__}: {err})") from None
     cc_max = resp["cc_max"] if resp["cc_max"].size else None
-    result = ParticipantResult(label, space, resp["valid"], models, cc_max, stacked, summary, scaling, info, banded)
+    names = {int(k): v for k, v in json.loads(str(resp["region_names"])).items()} if "region_names" in resp else {}
+    result = ParticipantResult(label, space, resp["valid"], models, cc_max, stacked, summary, scaling, info, banded,
+                               resp.get("region_labels"), names)
     result.responses["prefix"] = prefix
     result.responses["ceiling_threshold"] = marker.get("CeilingThreshold", 0.3)
     return result

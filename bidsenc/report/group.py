@@ -118,14 +118,22 @@ def load_atlas(paths, labels_tsv: Path) -> Atlas:
 
 
 def _regions(result, atlas: Atlas | None) -> dict[str, np.ndarray]:
-    """Masks over the participant's fitted voxels: the whole brain, then each atlas region present."""
+    """Masks over the participant's fitted voxels: the whole brain, then each region present.
+
+    Regions come from the user's atlas, else from the participant's own parcellation
+    (fMRIPrep's aparcaseg on the BOLD grid), which also works in native spaces.
+    """
     out = {WHOLE_BRAIN: np.ones(int(result.valid.sum()), bool)}
     if atlas is not None:
-        labels = atlas.for_space(result.space, f"sub-{result.participant}")[result.valid]
-        for index, name in sorted(atlas.names.items()):
-            inside = labels == index
-            if index != 0 and inside.any():
-                out[name] = inside
+        labels, names = atlas.for_space(result.space, f"sub-{result.participant}")[result.valid], atlas.names
+    elif result.region_labels is not None:
+        labels, names = result.region_labels, result.region_names
+    else:
+        return out
+    for index, name in sorted(names.items()):
+        inside = labels == index
+        if index != 0 and inside.any():
+            out[name] = inside
     return out
 
 
@@ -284,16 +292,21 @@ def _sections(results, tables, maps, map_note, skipped, atlas, threshold) -> lis
         out.append(("size", "Model size", para("No model family was fitted at two sizes or more: add models of "
                                                "one family at several sizes (e.g. OPT 125M, 350M, 1.3B).", "note")))
 
-    if atlas is not None and not sizes.empty:
+    own = [r for r in results if r.region_labels is not None]
+    if (atlas is not None or own) and not sizes.empty:
         per_region = sizes[(sizes["region"] != WHOLE_BRAIN) & (sizes["metric"] == "mean_r")]
         parts = []
         for family, group in per_region.groupby("family"):
+            group = group.sort_values("slope", ascending=False).head(24)  # a readable figure for large atlases
             err = np.vstack([group["slope"] - group["ci_low"], group["ci_high"] - group["slope"]])
             parts.append(fig.bars(list(group["region"]), group["slope"].to_numpy(),
                                   f"{family}: slope per region", "r per tenfold parameters",
                                   None if np.isnan(err).all() else np.nan_to_num(err)))
         region_means = (regions.groupby(["region", "model"])["mean_r"].mean().unstack("model"))
-        out.append(("regions", "Regions", para(f"Atlas: {atlas.source}.") + figures(*parts)
+        source = (f"Atlas: {atlas.source}." if atlas is not None else
+                  f"Regions: each participant's own parcellation ({own[0].responses.get('regions', 'fMRIPrep')}, "
+                  f"{len(own)} of {len(results)} participants).")
+        out.append(("regions", "Regions", para(source) + figures(*parts)
                     + table(region_means.reset_index())))
 
     curves = {}
