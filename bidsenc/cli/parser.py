@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                    action="store_true", help="do not run the BIDS validator on bids_dir")
 
     g = parser.add_argument_group("features")
-    g.add_argument("--feature", dest="features", action="append", metavar="SPEC",
+    g.add_argument("--feature", dest="features", action="extend", nargs="+", metavar="SPEC",
                    help="a feature space KIND:MODEL[:KEY=VALUE...], repeatable, e.g. "
                    "lm:facebook/opt-125m:layers=all (default: a small OPT and a small Whisper)")
     g.add_argument("--feature-cache", type=Path, metavar="DIR",

@@ -1,0 +1,42 @@
+# bidsenc as a BIDS App:  docker run --gpus all -v /data:/data:ro -v /out:/out bidsenc/bidsenc /data /out participant
+# Works as an arbitrary user (-u "$(id -u):$(id -g)") and with --read-only: every cache goes to /tmp or the work dir.
+FROM python:3.11.11-slim-bookworm
+
+ARG VERSION=0.1.0
+LABEL org.opencontainers.image.title="bidsenc" \
+      org.opencontainers.image.description="Voxelwise encoding models of story-listening fMRI from language and speech models (a BIDS App)" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+
+# The PyPI torch wheel brings its own CUDA libraries; the host needs only the NVIDIA driver.
+COPY pyproject.toml README.md /src/
+COPY bidsenc /src/bidsenc
+RUN pip install /src && rm -rf /src
+
+# The default run's models, baked in and read offline from a read-only hub cache.
+ENV HF_HUB_CACHE=/opt/bidsenc/hf-hub
+RUN python -c "from huggingface_hub import snapshot_download as get; \
+patterns = ['*.json', '*.txt', '*.model', '*.safetensors', 'pytorch_model.bin']; \
+[get(name, allow_patterns=patterns) for name in ('facebook/opt-125m', 'openai/whisper-tiny')]" \
+    && chmod -R a+rX /opt/bidsenc \
+    && python -c "import bidsenc; print(bidsenc.__version__)" > /version
+
+# Nothing is written to $HOME or the image at run time: caches to /tmp, results to the bound folders.
+ENV HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1 \
+    HF_HOME=/tmp/bidsenc-hf \
+    TORCH_HOME=/tmp/bidsenc-torch \
+    MPLCONFIGDIR=/tmp/bidsenc-matplotlib \
+    XDG_CACHE_HOME=/tmp/bidsenc-cache \
+    HOME=/tmp \
+    BIDSENC_CONTAINER_TAG="bidsenc/bidsenc:${VERSION}"
+
+RUN useradd --no-create-home --uid 1000 --shell /usr/sbin/nologin bidsenc
+USER 1000
+WORKDIR /tmp
+ENTRYPOINT ["/usr/local/bin/bidsenc"]
