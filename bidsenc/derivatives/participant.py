@@ -99,6 +99,7 @@ def write_participant(result: ParticipantResult, experiment, cfg) -> Path:
 
 def _swap_in(staging: Path, final: Path) -> None:
     old = final.parent / f".func.old-{os.getpid()}"
+    shutil.rmtree(old, ignore_errors=True)  # left by an earlier crash of a process with this PID
     if final.exists():
         os.replace(final, old)
     os.replace(staging, final)
