@@ -153,11 +153,13 @@ def _run(cfg: RunConfig, logs_dir: Path, run_dir: Path) -> None:
         except DataError as err:
             if len(labels) == 1:
                 raise
-            log.error("sub-%s skipped: %s", label, err.message)  # one participant's bad data: go on with the rest
+            # one participant's bad data: say so and go on with the rest (the error line comes at the end
+            # if none is left)
+            log.warning("sub-%s skipped: %s", label, err.message)
             failed.append(err)
     if failed and len(failed) == len(labels):
-        raise DataError(f"no participant could be analysed ({len(failed)} skipped; see the log); first: "
-                        f"{failed[0].message}")
+        raise DataError(failed[0].message if len(set(e.message for e in failed)) == 1 else
+                        f"none of the {len(labels)} participants could be analysed; first: {failed[0].message}")
     if failed:
         log.warning("%d of %d participants skipped for bad data (see the errors above); the others are done",
                     len(failed), len(labels))

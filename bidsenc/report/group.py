@@ -257,7 +257,8 @@ def _write_group_map(group_dir: Path, space, model: str, stat: str, values: np.n
 def _sections(results, tables, maps, map_note, skipped, atlas, threshold) -> list[tuple[str, str, str]]:
     models, regions, sizes = tables["models"], tables["regions"], tables["sizescaling"]
     out = []
-    best = models[models["best"] & (models["model"] != "stacked")]
+    joint = models["model"].isin(["stacked", "banded"])  # combinations of models, not models
+    best = models[models["best"] & ~joint]
     overview = (best.groupby("model", sort=False)
                 .agg(family=("family", "first"), parameters=("n_parameters", "first"),
                      best_layer=("layer", lambda s: ", ".join(str(int(v)) for v in sorted(set(s)))),
@@ -310,7 +311,7 @@ def _sections(results, tables, maps, map_note, skipped, atlas, threshold) -> lis
                     + table(region_means.reset_index())))
 
     curves = {}
-    layered = models[models["model"] != "stacked"]
+    layered = models[~joint]
     for name, group in layered.groupby("model", sort=False):
         agg = group.groupby("relative_depth")["mean_r"].mean()
         if len(agg) > 1:
