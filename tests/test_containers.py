@@ -72,3 +72,15 @@ def test_singularity_recipe_runs_bidsenc():
     assert recipe.fromHeader == f"bidsenc/bidsenc:{__version__}"
     assert recipe.cmd == 'exec bidsenc "$@"'
     assert any("HF_HUB_OFFLINE=1" in line for line in recipe.environ)
+
+
+def test_generated_by_names_the_container_only_inside_it(monkeypatch, tmp_path):
+    from bidsenc.derivatives.dataset import dataset_description
+
+    monkeypatch.delenv("BIDSENC_CONTAINER_TAG", raising=False)
+    assert "Container" not in dataset_description(tmp_path)["GeneratedBy"][0]
+    monkeypatch.setenv("BIDSENC_CONTAINER_TAG", "bidsenc/bidsenc:0.1.0")
+    assert dataset_description(tmp_path)["GeneratedBy"][0]["Container"] == {"Type": "docker",
+                                                                            "Tag": "bidsenc/bidsenc:0.1.0"}
+    monkeypatch.setenv("APPTAINER_NAME", "bidsenc.sif")
+    assert dataset_description(tmp_path)["GeneratedBy"][0]["Container"]["Type"] == "singularity"

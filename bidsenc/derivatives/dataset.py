@@ -51,14 +51,13 @@ _REFERENCES = """\
 
 
 def container() -> dict | None:
-    """The container bidsenc runs in, when it can tell (Docker, Singularity/Apptainer)."""
+    """bidsenc's own image when running in it: its Dockerfile sets BIDSENC_CONTAINER_TAG,
+    which Singularity/Apptainer keep when they run the converted image."""
     tag = os.environ.get("BIDSENC_CONTAINER_TAG")
-    if os.environ.get("SINGULARITY_NAME") or os.environ.get("APPTAINER_NAME"):
-        return {"Type": "singularity", "Tag": tag or os.environ.get("SINGULARITY_NAME")
-                or os.environ.get("APPTAINER_NAME")}
-    if Path("/.dockerenv").exists():
-        return {"Type": "docker", **({"Tag": tag} if tag else {})}
-    return None
+    if not tag:
+        return None
+    singularity = os.environ.get("APPTAINER_NAME") or os.environ.get("SINGULARITY_NAME")
+    return {"Type": "singularity" if singularity else "docker", "Tag": tag}
 
 
 def dataset_description(bids_dir: Path, derivatives: dict | None = None) -> dict:
