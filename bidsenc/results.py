@@ -94,5 +94,16 @@ class ParticipantResult:
     def model(self, name: str) -> ModelResult:
         return next(m for m in self.models if m.name == name)
 
+    def best_single_r(self, names: list[str]) -> np.ndarray:
+        """Per voxel, the test r of the model (best layer) with the highest cross-validated training score.
+
+        The fair single-model baseline for stacking: chosen without the test data (the
+        per-voxel maximum of test r over models would be biased upwards).
+        """
+        chosen = [self.model(n) for n in names]
+        cv = np.stack([m.stat("cv_score") for m in chosen])
+        r = np.stack([m.stat("r") for m in chosen])
+        return np.take_along_axis(r, cv.argmax(0)[None], axis=0)[0]
+
 
 __all__ = ["LAYER_STATS", "BandedResult", "ModelResult", "ParticipantResult", "StackedResult"]

@@ -479,3 +479,15 @@ def test_gifti_label_atlas_on_a_surface(tmp_path):
     with pytest.raises(DataError, match="expected a TSV with the columns index and name"):
         (tmp_path / "bad.tsv").write_text("label\tregion\n1\tx\n")
         load_atlas(paths, tmp_path / "bad.tsv")
+
+
+def test_stacking_baseline_is_chosen_by_training_score_not_test_score(written):
+    out, runs = written
+    result = read_participant(out, "01")
+    small, full = result.model("oracle-small"), result.model("oracle-full")
+    single = result.best_single_r(["oracle-small", "oracle-full"])
+    by_cv = small.stat("cv_score") >= full.stat("cv_score")  # ties go to the first model
+    assert np.array_equal(single, np.where(by_cv, small.stat("r"), full.stat("r")))
+    # where the two disagree, the test-score maximum would flatter the single model
+    assert (single <= np.maximum(small.stat("r"), full.stat("r"))).all()
+    assert (single < np.maximum(small.stat("r"), full.stat("r"))).any()

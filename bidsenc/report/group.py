@@ -158,7 +158,7 @@ def group_tables(results, atlas: Atlas | None, threshold: float) -> dict[str, pd
                     "mean_cc_norm": float(norm[inside].mean()) if r.cc_max is not None else np.nan,
                     "fraction_significant": float(m.fdr[inside].mean())})
         if r.stacked is not None:
-            single = np.max([r.model(n).stat("r") for n in r.stacked.names], axis=0)
+            single = r.best_single_r(r.stacked.names)
             for name, inside in regions.items():
                 stacking_rows.append({"participant": r.participant, "region": name, "n_voxels": int(inside.sum()),
                                       "stacked_r": float(r.stacked.r[inside].mean()),
@@ -265,6 +265,7 @@ def _sections(results, tables, maps, map_note, skipped, atlas, threshold) -> lis
                      relative_depth=("relative_depth", "mean"), mean_r=("mean_r", "mean"),
                      mean_r_ceiling=("mean_r_ceiling", "mean"), fraction_of_ceiling=("fraction_of_ceiling", "mean"))
                 .reset_index())
+    overview["parameters"] = overview["parameters"].map(lambda v: f"{int(v):,}" if v == v else "n/a")
     intro = [para(f"{len(results)} participants: {', '.join('sub-' + r.participant for r in results)}. "
                   "Scores are each model's best layer (chosen per participant by cross-validated training score), "
                   f"averaged over participants; 'ceiling' columns use voxels with CC_max >= {threshold:g}."),
@@ -341,7 +342,9 @@ def _sections(results, tables, maps, map_note, skipped, atlas, threshold) -> lis
     if "stacking" in tables:
         st = tables["stacking"].groupby("region")[["stacked_r", "best_single_r", "gain"]].agg(["mean", "sem"])
         labels = list(st.index)
-        out.append(("stacking", "Stacking", figures(fig.bars(
+        out.append(("stacking", "Stacking", para(
+            "Gain of the stacked model over the best single model of each voxel, the one with the highest "
+            "cross-validated training score (never the highest test score), per region.") + figures(fig.bars(
             labels, st[("gain", "mean")].to_numpy(), "stacking gain (stacked r - best single r)", "gain in r",
             np.nan_to_num(st[("gain", "sem")].to_numpy())))
             + table(tables["stacking"].groupby("region")[["stacked_r", "best_single_r", "gain"]].mean().reset_index(),

@@ -132,10 +132,10 @@ def _result_sections(result) -> list[tuple[str, str, str]]:
 
     if result.stacked is not None:
         s = result.stacked
-        best_single = np.max([result.model(n).stat("r") for n in s.names], axis=0)
+        best_single = result.best_single_r(s.names)
         out.append(("stacking", "Stacking", para(
             f"Stacked r: mean {s.r.mean():.3f} against {best_single.mean():.3f} for the best single model per "
-            "voxel.") + _figs(
+            "voxel (chosen by cross-validated training score).") + _figs(
             fig.bars(list(s.names), s.weights.mean(1), "mean stacking weight", "weight"),
             fig.histogram({"stacked": s.r, "best single model": best_single}, "stacked vs single", "test r"),
             fig.brain_map(space, result.full(s.r), "stacked model: test r"))))
