@@ -15,7 +15,7 @@ import pandas as pd
 
 from .align import AlignSettings, kept_rows
 from .align.design import clean_run, features_for, split_responses
-from .bids.bold import find_regions, load_confounds, load_responses
+from .bids.bold import NATIVE_SPACES, find_regions, load_confounds, load_responses
 from .bids.experiment import Experiment
 from .config import RunConfig
 from .errors import DataError, MissingInputError
@@ -30,6 +30,7 @@ from .models.encoding import (
     significance,
     stack_spaces,
 )
+from .models.ceiling import intersubject_reliability
 from .models.ridge import fit_and_score, pearson_r
 from .results import BandedResult, ModelResult, ParticipantResult, StackedResult
 
@@ -163,9 +164,6 @@ def fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, device
                              labels, names)
 
 
-_NATIVE_SPACES = {None, "T1w", "T2w", "boldref", "func", "anat", "fsnative"}
-
-
 def _intersubject_ceiling(experiment, peers, resp, space, settings, detrend, m):
     """Per voxel, the correlation of this participant's training responses with other participants' mean.
 
@@ -175,7 +173,7 @@ def _intersubject_ceiling(experiment, peers, resp, space, settings, detrend, m):
     """
     none = {"kind": "none", "description": "no test repeats and no other participant on the same runs in the "
                                            "same template space"}
-    if not peers or space.name in _NATIVE_SPACES or space.kind == "index":
+    if not peers or space.name in NATIVE_SPACES or space.kind == "index":
         return None, none
     offsets = np.cumsum([0] + [len(kept_rows(run, settings, test=False)) for run in resp.train_runs])
     total = np.zeros(resp.train.shape, dtype=np.float64)
@@ -200,13 +198,17 @@ def _intersubject_ceiling(experiment, peers, resp, space, settings, detrend, m):
     if not used or have.sum() < 20:
         return None, none
     others = (total[have] / count[have, None])[:, resp.valid]
-    ceiling = np.nan_to_num(pearson_r(others, resp.train[have][:, resp.valid])).astype(np.float32)
+    isc = np.nan_to_num(pearson_r(others, resp.train[have][:, resp.valid]))
+    n_others = float(count[have].mean())
+    ceiling = intersubject_reliability(isc, n_others).astype(np.float32)
     log.info("inter-subject ceiling from %d other participants over %d volumes: median %.3f", len(used),
              int(have.sum()), float(np.median(ceiling)))
     return ceiling, {"kind": "intersubject", "peers": used, "n_volumes": int(have.sum()),
-                     "description": "inter-subject ceiling: correlation of this participant's responses with the "
-                                    f"mean of {len(used)} other participants' on the same runs (leave-one-"
-                                    "participant-out), not a repeat-based ceiling"}
+                     "n_others_mean": n_others, "median_isc": float(np.median(isc)),
+                     "description": "inter-subject ceiling: the correlation of this participant's responses with "
+                                    f"the mean of {len(used)} other participants' on the same runs (leave-one-"
+                                    "participant-out), corrected for the noise in that mean; it counts only "
+                                    "signal shared across people, unlike a repeat-based ceiling"}
 
 
 def _timing(run):
@@ -241,38 +243,47 @@ def _data_scaling(best, resp, settings, y_train, y_test, alphas, ceil_v, cfg, ex
     """Test scores of each model's best layer fitted on random subsets of 1, 2, 4, ... training stories.
 
     Every subset keeps the test set; its alphas are re-chosen by cross-validation inside
-    the subset (contiguous blocks when it holds a single story).
+    the subset (contiguous blocks when it holds a single story). The unit drawn is a
+    cross-validation group: a story, or the stories a run presents together.
     """
     m, reference = cfg.models, cfg.models.preset == "reference"
-    n_stories = len(resp.story_names)
-    sizes = sorted({*(2 ** k for k in range(int(np.log2(n_stories)) + 1)), n_stories})
+    units = np.unique(resp.train_groups)
+    stories_of = {int(g): sorted({seg.story_id for run, rg in zip(resp.train_runs, _run_groups(resp), strict=True)
+                                  if rg == g for seg in run.segments}) for g in units}
+    n_units = len(units)
+    sizes = sorted({*(2 ** k for k in range(int(np.log2(n_units)) + 1)), n_units})
     tr = experiment.runs[0].tr
     rows = []
     for name, (fs, chosen) in best.items():
         x_train, x_test = features_for(resp, _layer_features(fs, experiment.stories, chosen.layer), settings)
         for n in sizes:
-            for repeat in range(m.data_scaling_seeds if n < n_stories else 1):
+            for repeat in range(m.data_scaling_seeds if n < n_units else 1):
                 rng = np.random.default_rng([cfg.execution.random_seed, n, repeat])
-                picked = np.sort(rng.choice(n_stories, size=n, replace=False))
+                picked = np.sort(rng.choice(units, size=n, replace=False))
                 rows_in = np.isin(resp.train_groups, picked)
                 try:
                     folds = _subset_folds(resp.train_groups[rows_in], reference, m.n_folds, cfg.execution.random_seed)
                 except DataError as err:
                     if repeat == 0:
-                        log.info("data scaling, %s, %d of %d stories: skipped (%s)", name, n, n_stories, err.message)
+                        log.info("data scaling, %s, %d of %d stories: skipped (%s)", name, n, n_units, err.message)
                     continue
                 out = fit_and_score(x_train[rows_in], y_train[rows_in], x_test, y_test, folds, alphas,
                                     device=device, mem_gb=cfg.execution.mem_gb)
                 r = out["test_r"]
-                rows.append({"model": name, "layer": chosen.layer, "n_stories": n,
+                stories = [sid for g in picked for sid in stories_of[int(g)]]
+                rows.append({"model": name, "layer": chosen.layer, "n_stories": len(stories),
                              "n_volumes": int(rows_in.sum()), "hours": rows_in.sum() * tr / 3600,
-                             "seed": repeat, "stories": ",".join(resp.story_names[i] for i in picked),
-                             "mean_r": float(r.mean()),
+                             "seed": repeat, "stories": ",".join(stories), "mean_r": float(r.mean()),
                              "mean_r_ceiling": _mean_over_ceiling(r, ceil_v, cfg.outputs.ceiling_threshold),
                              "fraction_of_ceiling": _fraction_of_ceiling(r, ceil_v, cfg.outputs.ceiling_threshold)})
         log.info("data scaling, %s layer %d: %d subset fits", name, chosen.layer,
                  sum(row["model"] == name for row in rows))
     return pd.DataFrame(rows)
+
+
+def _run_groups(resp) -> list[int]:
+    """The cross-validation group of each training run (that of its first story, as split_responses sets)."""
+    return [resp.story_names.index(run.segments[0].story_id) for run in resp.train_runs]
 
 
 def _layer_features(fs, stories, layer: int) -> dict:

@@ -191,3 +191,23 @@ def test_weights_are_kept_only_when_asked(demo, tmp_path, fitted):
     driven = (truth_grid["driven"] == 1)[result.valid] & inside[result.valid]
     noise = (truth_grid["driven"] == 0)[result.valid] & inside[result.valid]
     assert np.median(norms[driven]) > 3 * np.median(norms[noise])  # regularised towards 0 where nothing drives
+
+
+def test_data_scaling_draws_runs_that_present_two_stories_together(demo, tmp_path):
+    """A story heard only as the second story of a run is drawn with that run, never on its own."""
+    root, _ = demo
+    cfg = configure([str(root / "ds"), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "w"),
+                     "--n-permutations", "10", "--data-scaling-seeds", "3"])
+    exp = discover(open_dataset(cfg), cfg, "01")
+    canyon = next(r for r in exp.runs if r.entities["task"] == "canyon")
+    glacier = next(r for r in exp.runs if r.entities["task"] == "glacier")
+    merged = dataclasses.replace(canyon, segments=(*canyon.segments, dataclasses.replace(
+        glacier.segments[0], onset=canyon.segments[0].onset + 60.0)))
+    exp.runs = [merged if r is canyon else r for r in exp.runs if r is not glacier]
+    result = fit_participant(cfg, exp, [OracleSpace(root, exp.stories)], "cpu")
+    table = result.data_scaling
+    units = len(result.responses["train_stories"]) - 1  # glacier rides with canyon
+    assert table.groupby("seed").size().max() >= 4 and table["n_volumes"].min() > 0
+    with_glacier = table[table["stories"].str.contains("glacier")]
+    assert len(with_glacier) and with_glacier["stories"].str.contains("canyon").all()
+    assert (table[table["n_volumes"] == table["n_volumes"].max()]["n_stories"] == units + 1).all()

@@ -77,9 +77,11 @@ def test_intersubject_ceiling_from_the_other_participants(experiments):
     about = result.responses["noise_ceiling"]
     assert about["kind"] == "intersubject" and about["peers"] == ["02", "03"] and "inter-subject" in about["description"]
     ceiling = result.full(result.cc_max)
-    # one participant against the mean of two others, signal and noise of equal variance: r = 1 / sqrt(3)
-    assert abs(np.median(ceiling[signal]) - 1 / np.sqrt(3)) < 0.08
-    assert np.abs(np.median(ceiling[~signal])) < 0.06
+    # signal and noise of equal power: one participant against the mean of two others correlates at
+    # 1/sqrt(3); corrected for the noise of that mean, the ceiling is the true sqrt(s / (s + n)) = 0.707
+    assert about["n_others_mean"] == 2
+    assert abs(np.median(ceiling[signal]) - np.sqrt(0.5)) < 0.08
+    assert np.median(ceiling[~signal]) < 0.25  # noise voxels: small (the correction maps r <= 0 to 0)
     assert (result.summary["fraction_of_ceiling"].notna()).all()
 
 
@@ -134,3 +136,19 @@ def test_own_regions_from_fmriprep_aparcaseg(tmp_path):
     regions = group_tables([back], None, 0.3)["regions"]
     assert set(regions["region"]) == {"whole brain", "ctx-lh-superiortemporal", "ctx-rh-superiortemporal"}
     assert regions.set_index("region").loc["ctx-lh-superiortemporal", "n_voxels"] == signal.sum()
+
+
+
+def test_intersubject_reliability_inverts_the_noisy_mean():
+    from bidsenc.models.ceiling import intersubject_reliability
+
+    rho = np.linspace(0.05, 0.95, 19)
+    for k in (1, 2, 5, 50):
+        isc = rho ** 2 / np.sqrt(rho ** 2 + (1 - rho ** 2) / k)
+        assert np.allclose(intersubject_reliability(isc, k), rho)
+    rng = np.random.default_rng(0)  # and on simulated responses: 1 participant against the mean of 3
+    shared = rng.normal(size=(20000, 1))
+    people = shared + rng.normal(size=(20000, 4)) * 1.5
+    r = np.corrcoef(people[:, 0], people[:, 1:].mean(1))[0, 1]
+    assert abs(intersubject_reliability(r, 3) - np.sqrt(1 / (1 + 1.5 ** 2))) < 0.02
+    assert intersubject_reliability(-0.2, 3) == 0

@@ -407,23 +407,43 @@ def test_ds003020_responses_map_into_the_pycortex_reference_volume(tmp_path, cap
     assert np.array_equal(space.to_volume(column), zyx.T)
 
 
+def _without_first_voxels(result, k):
+    """The same participant with the first ``k`` voxels of its mask removed (every array cut to match)."""
+    import dataclasses
+
+    assert result.valid.all()
+    keep = np.arange(result.valid.size) >= k
+    mask = result.space.mask.copy()
+    mask[tuple(np.argwhere(mask)[:k].T)] = False
+    space = dataclasses.replace(result.space, mask=mask, n_voxels=int(mask.sum()))
+    models = [dataclasses.replace(m, stats=m.stats[:, keep], pvalue=m.pvalue[keep], fdr=m.fdr[keep])
+              for m in result.models]
+    return dataclasses.replace(result, space=space, valid=result.valid[keep], models=models,
+                               cc_max=result.cc_max[keep], stacked=None)
+
+
 def test_group_maps_when_participants_share_a_template_space(written, tmp_path):
+    """Each participant's own mask places its voxels; the mean is over the participants fitted at each voxel."""
     from bidsenc.report.group import group_maps
 
     out, _ = written
     results = [read_participant(out, label) for label in ("01", "02")]
     assert group_maps(results, tmp_path)[0] == {}  # native spaces: none
+    results[1] = _without_first_voxels(results[1], 300)  # masks differ between people on one template grid
     for r in results:
         r.space.name = "MNI152NLin2009cAsym"
-        r.space.mask = results[0].space.mask  # the same grid, as fMRIPrep's template outputs are
     maps, note = group_maps(results, tmp_path)
     assert "mean over 2 participants" in note
     name = results[0].models[1].name
-    both = results[0].valid & results[1].valid
-    expected = (results[0].full(results[0].model(name).stat("r")) + results[1].full(results[1].model(name).stat("r"))) / 2
-    assert np.allclose(maps[(name, "r")][both], expected[both], atol=1e-6)
+    volumes = [r.space.to_volume(r.full(r.model(name).stat("r"))) for r in results]
+    counts = [r.space.to_volume(r.valid.astype(np.float32)) for r in results]
+    expected = np.where(sum(counts) > 0, sum(volumes) / np.maximum(sum(counts), 1), 0)
     img = nib.load(tmp_path / "space-MNI152NLin2009cAsym_desc-oracleFull_stat-r_statmap.nii.gz")
-    assert np.allclose(np.asarray(img.dataobj)[results[0].space.mask], maps[(name, "r")])
+    assert np.allclose(np.asarray(img.dataobj), expected, atol=1e-6)
+    space, values = maps[(name, "r")]
+    assert np.allclose(space.to_volume(values), expected, atol=1e-6)
+    only_one = (counts[0] > 0) ^ (counts[1] > 0)
+    assert only_one.any() and np.allclose(expected[only_one], (volumes[0] + volumes[1])[only_one])
 
 
 def test_banded_ridge_outputs(demo, tmp_path):
@@ -491,3 +511,23 @@ def test_stacking_baseline_is_chosen_by_training_score_not_test_score(written):
     # where the two disagree, the test-score maximum would flatter the single model
     assert (single <= np.maximum(small.stat("r"), full.stat("r"))).all()
     assert (single < np.maximum(small.stat("r"), full.stat("r"))).any()
+
+
+def test_sessions_get_their_own_folders_and_analyses_never_clobber_each_other(demo, tmp_path):
+    from bidsenc.derivatives import PartialOutputError
+
+    out = tmp_path / "out"
+    for session in ("1", "2", "1"):  # session 1 twice: a rerun replaces its own files only
+        _participant(demo, out, tmp_path / "work", "01", "--session-label", session, "--data-scaling-seeds", "0",
+                     "--n-permutations", "20")
+    for session in ("1", "2"):
+        func = out / "sub-01" / f"ses-{session}" / "func"
+        names = [p.name for p in func.iterdir()]
+        assert f"sub-01_ses-{session}_desc-models_summary.json" in names
+        assert all(n.startswith(f"sub-01_ses-{session}_") for n in names)
+        marker = json.loads((func / f"sub-01_ses-{session}_desc-models_summary.json").read_text())
+        assert sorted(marker["Files"]) == sorted(n for n in names if not n.endswith("_desc-models_summary.json"))
+    assert not (out / "sub-01" / "func").exists()
+    assert not [i for i in _validate(out)["issues"]["issues"] if i["severity"] == "error"]
+    with pytest.raises(PartialOutputError, match="2 analyses"):
+        read_participant(out, "01")

@@ -19,6 +19,10 @@ from .experiment import Run
 
 log = logging.getLogger(__name__)
 
+#: Space labels that are one person's own (fMRIPrep's T1w, boldref, fsnative; None for raw data):
+#: never pooled voxel by voxel across participants.
+NATIVE_SPACES = frozenset({None, "", "T1w", "T2w", "boldref", "func", "anat", "fsnative"})
+
 
 @dataclass
 class Space:
@@ -289,4 +293,4 @@ def _nib_load(path: Path):
         raise DataError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
 
 
-__all__ = ["Space", "find_regions", "load_confounds", "load_responses"]
+__all__ = ["NATIVE_SPACES", "Space", "find_regions", "load_confounds", "load_responses"]

@@ -54,7 +54,7 @@ def print_scores(out: Path, truth: dict) -> None:
     import pandas as pd
 
     for label in truth["subjects"]:
-        paths = sorted((out / f"sub-{label}" / "func").glob("*_desc-models_summary.tsv"))
+        paths = sorted((out / f"sub-{label}").rglob("*_desc-models_summary.tsv"))
         if not paths:
             continue
         table = pd.read_csv(paths[0], sep="\t", na_values="n/a")

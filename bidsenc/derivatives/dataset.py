@@ -73,8 +73,8 @@ def dataset_description(bids_dir: Path, derivatives: dict | None = None) -> dict
         if raw.get("DatasetDOI"):
             doi = str(raw["DatasetDOI"])
             source = {"DOI": doi if doi.startswith("doi:") else f"doi:{doi.removeprefix('https://doi.org/')}"}
-        if raw.get("Version") or raw.get("BIDSVersion"):
-            source["Version"] = str(raw.get("Version") or raw.get("BIDSVersion"))
+        if raw.get("Version"):  # the dataset's own version (BIDSVersion is the specification's)
+            source["Version"] = str(raw["Version"])
     except (OSError, ValueError):
         pass
     return {

@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -71,16 +72,21 @@ class PartialOutputError(Exception):
 
 
 def write_participant(result: ParticipantResult, experiment, cfg) -> Path:
-    """Write a participant's maps, arrays and tables; return its ``func`` folder."""
+    """Write a participant's maps, arrays and tables; return the folder they are in.
+
+    The folder is ``sub-<label>/[ses-<label>/]func``. Several analyses of one participant
+    (other tasks, say) can live side by side in it: each is named by its own prefix and
+    only its own files are replaced.
+    """
     label = result.participant
     space: Space = result.space
-    sub_dir = cfg.inputs.output_dir / f"sub-{label}"
-    final = sub_dir / "func"
-    staging = sub_dir / f".func.tmp-{os.getpid()}"
+    prefix = participant_prefix(label, experiment.runs, space.name if space.kind != "index" else None)
+    final = cfg.inputs.output_dir / _folder(prefix)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.parent / f".func.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging.mkdir()
     try:
-        prefix = participant_prefix(label, experiment.runs, space.name if space.kind != "index" else None)
         writer = _Writer(staging, prefix, space, result, _sources(experiment.runs, cfg))
         _write_all(writer, result, cfg)
         marker = {"Description": "one row per feature model and layer: whole-brain summaries of the test scores",
@@ -89,21 +95,41 @@ def write_participant(result: ParticipantResult, experiment, cfg) -> Path:
                   "Prefix": prefix, "Models": {m.name: writer.labels[m.name] for m in result.models},
                   "Files": sorted(writer.files)}
         atomic_write_text(staging / f"{prefix}{MARKER_SUFFIX}", json.dumps(marker, indent=2) + "\n")
-        _swap_in(staging, final)
-    except BaseException:
+        _swap_in(staging, final, prefix)
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
     log.info("sub-%s: %d files written in %s", label, len(writer.files) + 1, final)
     return final
 
 
-def _swap_in(staging: Path, final: Path) -> None:
-    old = final.parent / f".func.old-{os.getpid()}"
-    shutil.rmtree(old, ignore_errors=True)  # left by an earlier crash of a process with this PID
-    if final.exists():
-        os.replace(final, old)
-    os.replace(staging, final)
-    shutil.rmtree(old, ignore_errors=True)
+def _folder(prefix: str) -> Path:
+    """``sub-01/ses-2/func`` for ``sub-01_ses-2_task-x``; ``sub-01/func`` without a session."""
+    parts = prefix.split("_")
+    session = next((p for p in parts if p.startswith("ses-")), None)
+    return Path(parts[0], *([session] if session else []), "func")
+
+
+def _owned(name: str, prefix: str) -> bool:
+    """Whether a file belongs to the analysis named ``prefix`` (and not to one with a longer prefix)."""
+    return any(name.startswith(f"{p}_desc-") for p in (prefix, with_hemi(prefix, "L"), with_hemi(prefix, "R")))
+
+
+def _swap_in(staging: Path, final: Path, prefix: str) -> None:
+    """Replace this analysis's files in ``final`` by the staged ones; the marker goes last.
+
+    Between the first and the last rename the marker is absent, so a reader sees the
+    analysis as incomplete, never as a mixture that looks complete.
+    """
+    final.mkdir(exist_ok=True)
+    marker = f"{prefix}{MARKER_SUFFIX}"
+    (final / marker).unlink(missing_ok=True)
+    for old in final.iterdir():
+        if old.is_file() and _owned(old.name, prefix):
+            old.unlink()
+    for new in sorted(staging.iterdir()):
+        if new.name != marker:
+            os.replace(new, final / new.name)
+    os.replace(staging / marker, final / marker)
 
 
 def _write_all(w: _Writer, result: ParticipantResult, cfg) -> None:
@@ -305,15 +331,26 @@ def read_participant(output_dir: Path, label: str, *, version: str | None = __ve
     """Read a participant's outputs back; :class:`PartialOutputError` when they are missing or incomplete.
 
     With ``version`` given, outputs written by another bidsenc version are refused too.
+    A participant with several analyses (e.g. one per session) is refused as ambiguous.
     """
-    func = output_dir / f"sub-{label}" / "func"
-    markers = sorted(func.glob(f"*{MARKER_SUFFIX}")) if func.is_dir() else []
-    if len(markers) != 1:
-        raise PartialOutputError(f"sub-{label}: no complete outputs in {func} (the run did not finish)")
+    sub = output_dir / f"sub-{label}"
+    markers = sorted(sub.glob(f"func/*{MARKER_SUFFIX}")) + sorted(sub.glob(f"ses-*/func/*{MARKER_SUFFIX}"))
+    if not markers:
+        raise PartialOutputError(f"sub-{label}: no complete outputs in {sub} (the run did not finish)")
+    if len(markers) > 1:
+        raise PartialOutputError(f"sub-{label}: {len(markers)} analyses ({', '.join(m.name.removesuffix(MARKER_SUFFIX) for m in markers)}); "
+                                 "the group level takes one per participant: write others to another output_dir")
+    func = markers[0].parent
     try:
-        marker = json.loads(markers[0].read_text())
-    except (OSError, ValueError) as err:
-        raise PartialOutputError(f"sub-{label}: {markers[0].name} is unreadable ({err})") from None
+        return _read(func, markers[0], label, version)
+    except PartialOutputError:
+        raise
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
+        raise PartialOutputError(f"sub-{label}: unreadable outputs ({type(err).__name__}: {err})") from None
+
+
+def _read(func: Path, marker_path: Path, label: str, version: str | None) -> ParticipantResult:
+    marker = json.loads(marker_path.read_text())
     written_by = marker.get("GeneratedBy", {}).get("Version")
     if version is not None and written_by != version:
         raise PartialOutputError(f"sub-{label}: written by bidsenc {written_by}, not {version}; rerun it with "
@@ -322,28 +359,25 @@ def read_participant(output_dir: Path, label: str, *, version: str | None = __ve
     if missing:
         raise PartialOutputError(f"sub-{label}: {len(missing)} output file(s) missing, e.g. {missing[0]}")
     prefix = marker["Prefix"]
-    try:
-        resp = _load(func / f"{prefix}_desc-responses_encoding.npz")
-        space = _space(resp)
-        models = []
-        for name, desc in marker["Models"].items():
-            a = _load(func / f"{prefix}_desc-{desc}_encoding.npz")
-            models.append(ModelResult(name, json.loads(str(a["model"])), a["layers"], a["stats"],
-                                      int(a["best_layer"]), a["pvalue"], a["fdr"], a.get("weights")))
-        stacked = None
-        if (func / f"{prefix}_desc-stacked_encoding.npz").is_file():
-            a = _load(func / f"{prefix}_desc-stacked_encoding.npz")
-            stacked = StackedResult([str(n) for n in a["names"]], a["weights"], a["r"], a["r2"])
-        banded = None
-        if (func / f"{prefix}_desc-banded_encoding.npz").is_file():
-            a = _load(func / f"{prefix}_desc-banded_encoding.npz")
-            banded = BandedResult([str(n) for n in a["names"]], a["r"], a["r2"], a["r2_split"], a["weights"])
-        summary = pd.read_csv(func / f"{prefix}_desc-models_summary.tsv", sep="\t", na_values="n/a")
-        scaling_path = func / f"{prefix}_desc-datascaling_summary.tsv"
-        scaling = pd.read_csv(scaling_path, sep="\t", na_values="n/a") if scaling_path.is_file() else pd.DataFrame()
-        info = json.loads((func / f"{prefix}_desc-responses_encoding.json").read_text())
-    except (OSError, KeyError, ValueError) as err:
-        raise PartialOutputError(f"sub-{label}: unreadable outputs ({type(err).__name__}: {err})") from None
+    resp = _load(func / f"{prefix}_desc-responses_encoding.npz")
+    space = _space(resp)
+    models = []
+    for name, desc in marker["Models"].items():
+        a = _load(func / f"{prefix}_desc-{desc}_encoding.npz")
+        models.append(ModelResult(name, json.loads(str(a["model"])), a["layers"], a["stats"],
+                                  int(a["best_layer"]), a["pvalue"], a["fdr"], a.get("weights")))
+    stacked = None
+    if (func / f"{prefix}_desc-stacked_encoding.npz").is_file():
+        a = _load(func / f"{prefix}_desc-stacked_encoding.npz")
+        stacked = StackedResult([str(n) for n in a["names"]], a["weights"], a["r"], a["r2"])
+    banded = None
+    if (func / f"{prefix}_desc-banded_encoding.npz").is_file():
+        a = _load(func / f"{prefix}_desc-banded_encoding.npz")
+        banded = BandedResult([str(n) for n in a["names"]], a["r"], a["r2"], a["r2_split"], a["weights"])
+    summary = pd.read_csv(func / f"{prefix}_desc-models_summary.tsv", sep="\t", na_values="n/a")
+    scaling_path = func / f"{prefix}_desc-datascaling_summary.tsv"
+    scaling = pd.read_csv(scaling_path, sep="\t", na_values="n/a") if scaling_path.is_file() else pd.DataFrame()
+    info = json.loads((func / f"{prefix}_desc-responses_encoding.json").read_text())
     cc_max = resp["cc_max"] if resp["cc_max"].size else None
     names = {int(k): v for k, v in json.loads(str(resp["region_names"])).items()} if "region_names" in resp else {}
     result = ParticipantResult(label, space, resp["valid"], models, cc_max, stacked, summary, scaling, info, banded,

@@ -280,3 +280,35 @@ def intersubject_ceiling(responses, *, return_degenerate: bool = False):
         values[sl] = np.where(defined, total_sum / np.maximum(count, 1), 0.0)
         degenerate[sl] = ~defined
     return _finish(values, degenerate, return_degenerate)
+
+
+def intersubject_reliability(isc, n_others):
+    """Ceiling from the correlation of one participant with the mean of ``n_others`` others.
+
+    With a shared (stimulus-driven) signal of power ``s`` and independent noise of power
+    ``n`` in every participant, that correlation is ``rho**2 / sqrt(rho**2 + (1 - rho**2) / k)``
+    with ``rho**2 = s / (s + n)`` and ``k = n_others``: the others' mean is itself noisy.
+    Solved for ``rho``, the correlation a perfect model of the shared signal would reach
+    with this participant's response. With many others it tends to the correlation
+    itself; with one other it is its square root (a split-half reliability).
+
+    Parameters
+    ----------
+    isc : array_like
+        Correlation of the participant's response with the others' mean, per voxel.
+    n_others : float
+        How many participants the mean is over (may be fractional: an average count).
+
+    Returns
+    -------
+    ndarray of float64
+        ``rho`` in [0, 1]; 0 where the correlation is not positive.
+    """
+    r = np.clip(np.nan_to_num(np.asarray(isc, dtype=np.float64)), 0.0, 1.0)
+    k = float(n_others)
+    if k <= 0:
+        raise ValueError(f"n_others must be positive, got {n_others}")
+    a = r ** 2 * (1.0 - 1.0 / k)
+    rho2 = (a + np.sqrt(a ** 2 + 4.0 * r ** 2 / k)) / 2.0
+    return np.sqrt(np.clip(rho2, 0.0, 1.0))
+

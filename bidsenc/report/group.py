@@ -51,6 +51,10 @@ def run_group(cfg) -> Path:
                                 + "; run the participant level first: bidsenc BIDS_DIR OUTPUT_DIR participant")
     atlas = load_atlas(cfg.outputs.atlas, cfg.outputs.atlas_labels) if cfg.outputs.atlas else None
     threshold = cfg.outputs.ceiling_threshold
+    used = sorted({float(r.responses.get("ceiling_threshold", threshold)) for r in results})
+    if used != [threshold]:
+        log.warning("the participants' summaries used a ceiling threshold of %s; the group tables recompute every "
+                    "ceiling-based score with %g", ", ".join(f"{t:g}" for t in used), threshold)
     tables = group_tables(results, atlas, threshold)
     group_dir = out / "group"
     group_dir.mkdir(parents=True, exist_ok=True)
@@ -149,13 +153,17 @@ def group_tables(results, atlas: Atlas | None, threshold: float) -> dict[str, pd
         for m in r.models:
             score, norm = m.stat("r"), m.stat("cc_norm")
             for name, inside in regions.items():
-                good = inside & (r.cc_max >= threshold) if r.cc_max is not None else None
+                # ceiling-based scores only where the ceiling is high enough for r / ceiling to be stable
+                good = inside & (r.cc_max >= threshold) if r.cc_max is not None else np.zeros_like(inside)
                 region_rows.append({
                     "participant": r.participant, "model": m.name, "family": m.family, "kind": m.description.get(
-                        "kind"), "n_parameters": m.n_parameters, "layer": m.best_layer, "region": name,
-                    "n_voxels": int(inside.sum()), "mean_r": float(score[inside].mean()),
-                    "mean_r_ceiling": float(score[good].mean()) if good is not None and good.any() else np.nan,
-                    "mean_cc_norm": float(norm[inside].mean()) if r.cc_max is not None else np.nan,
+                        "kind"), "n_parameters": m.n_parameters, "layer": m.best_layer,
+                    "relative_depth": m.best_layer / max(m.description.get("n_layers") or 1, 1), "region": name,
+                    "n_voxels": int(inside.sum()), "n_voxels_ceiling": int(good.sum()),
+                    "mean_r": float(score[inside].mean()),
+                    "mean_r_ceiling": float(score[good].mean()) if good.any() else np.nan,
+                    "mean_cc_norm": float(norm[good].mean()) if good.any() else np.nan,
+                    "fraction_of_ceiling": float(np.median(norm[good])) if good.any() else np.nan,
                     "fraction_significant": float(m.fdr[inside].mean())})
         if r.stacked is not None:
             single = r.best_single_r(r.stacked.names)
@@ -191,37 +199,48 @@ def group_tables(results, atlas: Atlas | None, threshold: float) -> dict[str, pd
 # --------------------------------------------------------------------------- group maps
 
 def group_maps(results, group_dir: Path) -> tuple[dict, str]:
-    """Mean maps when every participant is in one standard space; else none and why."""
+    """Mean maps when every participant is in one template space; else none and why.
+
+    Each participant's vector is put back into the space's grid with its own mask (masks
+    differ between people even on one template grid) before averaging, voxel by voxel,
+    over the participants fitted there. Returns {(model, stat): (space, values)}.
+    """
+    from ..bids.bold import NATIVE_SPACES, Space
+
     spaces = {(r.space.kind, r.space.name, _grid(r.space)) for r in results}
     if len(spaces) != 1:
         return {}, ("Participants are in different spaces (native spaces, as in ds003020, or several templates): "
                     "no group maps; region-level and whole-brain summaries only.")
     kind, name, _ = spaces.pop()
-    if kind == "index" or not name or name in ("T1w", "T2w", "boldref", "func", "anat"):
+    if kind == "index" or name in NATIVE_SPACES:
         return {}, ("Participants are in their own native spaces: no group maps; region-level and whole-brain "
                     "summaries only.")
-    space = results[0].space
+    first = results[0].space
+    if kind == "volume":
+        union = np.logical_or.reduce([r.space.to_volume(r.valid.astype(np.float32)) > 0 for r in results])
+        space = Space("volume", int(union.sum()), name, mask=union, affine=first.affine)
+
+        def on_grid(r, values):
+            return r.space.to_volume(r.full(values))[union], r.space.to_volume(r.valid.astype(np.float32))[union]
+    else:
+        space = first
+
+        def on_grid(r, values):
+            return r.full(values), r.valid.astype(np.float32)
     out = {}
     for model in results[0].models:
         if not all(any(m.name == model.name for m in r.models) for r in results):
             continue
-        stacks = {"r": [], "ccnorm": []}
-        for r in results:
-            m = r.model(model.name)
-            count = r.valid.astype(np.float32)
-            stacks["r"].append((r.full(m.stat("r")), count))
-            if r.cc_max is not None:
-                stacks["ccnorm"].append((r.full(m.stat("cc_norm")), count))
-        for stat, pairs in stacks.items():
-            if len(pairs) != len(results):
+        for stat, key in (("r", "r"), ("ccnorm", "cc_norm")):
+            if key == "cc_norm" and any(r.cc_max is None for r in results):
                 continue
-            total = np.sum([p[0] for p in pairs], axis=0)
-            n = np.sum([p[1] for p in pairs], axis=0)
+            pairs = [on_grid(r, r.model(model.name).stat(key)) for r in results]
+            total, n = np.sum([p[0] for p in pairs], axis=0), np.sum([p[1] for p in pairs], axis=0)
             mean = np.where(n > 0, total / np.maximum(n, 1), 0.0).astype(np.float32)
-            out[(model.name, stat)] = mean
+            out[(model.name, stat)] = (space, mean)
             _write_group_map(group_dir, space, model.name, stat, mean, len(results))
-    return out, (f"Group maps: mean over {len(results)} participants in {name} (voxels fitted in at least one "
-                 "participant).")
+    return out, (f"Group maps: mean over {len(results)} participants in {name}, each voxel over the participants "
+                 "fitted there.")
 
 
 def _grid(space):
@@ -240,7 +259,6 @@ def _write_group_map(group_dir: Path, space, model: str, stat: str, values: np.n
     if space.kind == "volume":
         import nibabel as nib
 
-        # the union of the participants' masks: recompute from the mean's support
         img = nib.Nifti1Image(space.to_volume(values), space.affine)
         atomic_write_bytes(group_dir / f"{base}.nii.gz", gzip.compress(img.to_bytes(), mtime=0))
     else:
@@ -259,7 +277,8 @@ def _sections(results, tables, maps, map_note, skipped, atlas, threshold) -> lis
     out = []
     joint = models["model"].isin(["stacked", "banded"])  # combinations of models, not models
     best = models[models["best"] & ~joint]
-    overview = (best.groupby("model", sort=False)
+    whole = regions[regions["region"] == WHOLE_BRAIN]
+    overview = (whole.groupby("model", sort=False)
                 .agg(family=("family", "first"), parameters=("n_parameters", "first"),
                      best_layer=("layer", lambda s: ", ".join(str(int(v)) for v in sorted(set(s)))),
                      relative_depth=("relative_depth", "mean"), mean_r=("mean_r", "mean"),
@@ -279,14 +298,16 @@ def _sections(results, tables, maps, map_note, skipped, atlas, threshold) -> lis
         if group["n_parameters"].nunique() < 2:
             continue
         for metric, label in (("mean_r", "mean test r"), ("mean_r_ceiling", f"mean r (CC_max >= {threshold:g})"),
-                              ("mean_cc_norm", "mean r / noise ceiling (CC_norm)")):
+                              ("mean_cc_norm", f"mean r / ceiling (CC_max >= {threshold:g})")):
             if group[metric].notna().any():
                 row = sizes[(sizes["family"] == family) & (sizes["region"] == WHOLE_BRAIN) & (sizes["metric"] == metric)]
                 size_parts.append(_scaling_figure(group, "n_parameters", metric, f"{family}: {label}",
                                                   "parameters", label, row.iloc[0] if len(row) else None))
     if size_parts:
-        text = para("Each thin line is a participant, the thick line their mean, dashed the log-linear fit; the "
-                    "slope is per tenfold increase in parameters, its 95% interval across participants.")
+        text = para("Each thin line is a participant, the thick line their mean, dashed the log-linear fit to the "
+                    "mean. The slope (per tenfold increase in parameters) is fitted per participant and averaged, "
+                    "with a 95% t interval across participants. Ceiling-based scores use voxels with CC_max >= "
+                    f"{threshold:g} only.")
         out.append(("size", "Model size", text + figures(*size_parts) + table(
             sizes[sizes["region"] == WHOLE_BRAIN][["family", "metric", "n_units", "n_points", "slope", "ci_low",
                                                    "ci_high", "slope_mean"]], "{:.4f}")))
@@ -351,8 +372,7 @@ def _sections(results, tables, maps, map_note, skipped, atlas, threshold) -> lis
                     "{:.4f}")))
 
     map_parts = []
-    space = results[0].space
-    for (model, stat), values in maps.items():
+    for (model, stat), (space, values) in maps.items():
         map_parts.append(fig.brain_map(space, values, f"{model}: mean {stat}", vmax=1.0 if stat == "ccnorm" else None))
     out.append(("maps", "Group maps", para(map_note, "note") + figures(*map_parts)))
     return out
@@ -369,9 +389,11 @@ def _scaling_figure(table: pd.DataFrame, x: str, y: str, title: str, xlabel: str
     a, b = loglinear_fit(mean.index.to_numpy(), mean.to_numpy())
     if np.isfinite(b):
         xs = np.geomspace(mean.index.min(), mean.index.max(), 50)
-        label = f"fit: {b:+.3f} per tenfold"
-        if fit_row is not None and np.isfinite(fit_row["ci_low"]):
-            label += f" (95% CI {fit_row['ci_low']:+.3f} to {fit_row['ci_high']:+.3f})"
+        label = f"fit to the mean: {b:+.3f} per tenfold"
+        if fit_row is not None and np.isfinite(fit_row["slope"]):
+            label += f"\nparticipants' slopes: {fit_row['slope']:+.3f}"
+            if np.isfinite(fit_row["ci_low"]):
+                label += f" (95% CI {fit_row['ci_low']:+.3f} to {fit_row['ci_high']:+.3f})"
         ax.plot(xs, a + b * np.log10(xs), color="#c0392b", ls="--", label=label)
     ax.set_xscale("log")
     ticks = np.unique(table[x].to_numpy(float))
