@@ -54,8 +54,8 @@ def fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, device
     outer = not test_stories
     if outer:
         log.warning("sub-%s: no story was heard twice and none was named with --test-stories: scores come from "
-                    "an outer leave-stories-out loop (contiguous blocks for a single story); no noise ceiling",
-                    label)
+                    "an outer leave-stories-out loop (contiguous blocks for a single story), and there is no "
+                    "repeat-based noise ceiling", label)
     responses, space = load_responses(experiment.runs)
     detrend = m.clean == "detrend" or (m.clean == "auto" and experiment.runs[0].bold.kind != "hdf5")
     confounds = [load_confounds(run, m.confounds) for run in experiment.runs] if m.confounds else None

@@ -265,12 +265,14 @@ class _Writer:
         name = f"{self.prefix}_desc-brain_mask.nii.gz"
         self._write(name, gzip.compress(img.to_bytes(), mtime=0))
         self._write(name.replace(".nii.gz", ".json"), json.dumps(
-            {"Type": "Brain", "Sources": self.sources, "Description": self.space.mask_source}, indent=2).encode())
+            {"Type": "Brain", "Sources": self.sources, "Description": self.space.mask_source,
+             "SpatialReference": self.sources[0]}, indent=2).encode())  # the grid of the BOLD it came from
 
     def map(self, desc: str, stat: str, values: np.ndarray, meta: dict) -> None:
         """One statistic over the fitted voxels, written in the data's own space with its sidecar."""
         full = self.result.full(np.nan_to_num(np.asarray(values, dtype=np.float32)))
         sidecar = {"Description": STAT_LABELS[stat], "Statistic": stat, **meta, "Sources": self.sources,
+                   "SpatialReference": self.sources[0],
                    "VoxelsLeftOut": int((~self.result.valid).sum()),
                    "GeneratedBy": {"Name": "bidsenc", "Version": __version__}}
         if self.space.kind == "volume":

@@ -9,6 +9,7 @@ import base64
 import html
 import io
 import logging
+import warnings
 
 import matplotlib
 
@@ -32,6 +33,12 @@ def brain_map(space, values: np.ndarray, title: str, *, vmax: float | None = Non
     """A view of a voxel vector in the data's own space; None when the space has no geometry to draw."""
     values = np.nan_to_num(np.asarray(values, dtype=np.float32))
     vmax = float(vmax if vmax is not None else max(np.percentile(np.abs(values), 99.5), 1e-6))
+    with warnings.catch_warnings():  # nilearn's notes on masks and colour maps are not the user's concern
+        warnings.simplefilter("ignore", UserWarning)
+        return _brain_map(space, values, title, vmax, cmap)
+
+
+def _brain_map(space, values, title, vmax, cmap) -> str | None:
     if space.kind == "volume":
         import nibabel as nib
         from nilearn import plotting

@@ -287,7 +287,8 @@ def _sections(results, tables, maps, map_note, skipped, atlas, threshold) -> lis
     overview["parameters"] = overview["parameters"].map(lambda v: f"{int(v):,}" if v == v else "n/a")
     intro = [para(f"{len(results)} participants: {', '.join('sub-' + r.participant for r in results)}. "
                   "Scores are each model's best layer (chosen per participant by cross-validated training score), "
-                  f"averaged over participants; 'ceiling' columns use voxels with CC_max >= {threshold:g}."),
+                  f"averaged over participants; 'ceiling' columns use voxels whose noise ceiling (CC_max from repeats, "
+                  f"else the inter-subject ceiling) is at least {threshold:g}."),
              table(overview)]
     intro += [f'<div class="warn">{esc(s)}</div>' for s in skipped]
     out.append(("overview", "Overview", "\n".join(intro)))
@@ -297,8 +298,8 @@ def _sections(results, tables, maps, map_note, skipped, atlas, threshold) -> lis
     for family, group in sized.groupby("family"):
         if group["n_parameters"].nunique() < 2:
             continue
-        for metric, label in (("mean_r", "mean test r"), ("mean_r_ceiling", f"mean r (CC_max >= {threshold:g})"),
-                              ("mean_cc_norm", f"mean r / ceiling (CC_max >= {threshold:g})")):
+        for metric, label in (("mean_r", "mean test r"), ("mean_r_ceiling", f"mean r (ceiling >= {threshold:g})"),
+                              ("mean_cc_norm", f"mean r / ceiling (ceiling >= {threshold:g})")):
             if group[metric].notna().any():
                 row = sizes[(sizes["family"] == family) & (sizes["region"] == WHOLE_BRAIN) & (sizes["metric"] == metric)]
                 size_parts.append(_scaling_figure(group, "n_parameters", metric, f"{family}: {label}",
@@ -306,7 +307,7 @@ def _sections(results, tables, maps, map_note, skipped, atlas, threshold) -> lis
     if size_parts:
         text = para("Each thin line is a participant, the thick line their mean, dashed the log-linear fit to the "
                     "mean. The slope (per tenfold increase in parameters) is fitted per participant and averaged, "
-                    "with a 95% t interval across participants. Ceiling-based scores use voxels with CC_max >= "
+                    "with a 95% t interval across participants. Ceiling-based scores use voxels whose ceiling is >= "
                     f"{threshold:g} only.")
         out.append(("size", "Model size", text + figures(*size_parts) + table(
             sizes[sizes["region"] == WHOLE_BRAIN][["family", "metric", "n_units", "n_points", "slope", "ci_low",

@@ -84,7 +84,7 @@ def _result_sections(result) -> list[tuple[str, str, str]]:
         rows.append({"model": m.name, "kind": d.get("kind"), "family": m.family,
                      "parameters": f"{d.get('n_parameters', 0):,}", "layers fitted": len(m.layers),
                      "best layer": m.best_layer, "mean r": float(r.mean()),
-                     f"mean r (CC_max >= {threshold:g})": float(r[ceiling >= threshold].mean())
+                     f"mean r (ceiling >= {threshold:g})": float(r[ceiling >= threshold].mean())
                      if ceiling is not None and (ceiling >= threshold).any() else np.nan,
                      "voxels FDR-significant": int(m.fdr.sum())})
     models = pd.DataFrame(rows)
@@ -118,12 +118,13 @@ def _result_sections(result) -> list[tuple[str, str, str]]:
                       marks=cv_marks))))
 
     if ceiling is not None:
-        parts = [fig.histogram({"CC_max": ceiling}, "noise ceiling", "CC_max"),
-                 fig.brain_map(space, result.full(ceiling), "noise ceiling CC_max", vmax=1.0)]
-        if top is not None:
-            parts.append(fig.scatter(ceiling, top.stat("r"), f"{top.name}: test r against the ceiling", "CC_max",
-                                     "test r", diagonal=True))
         about = info.get("noise_ceiling", {})
+        name = "inter-subject ceiling" if isinstance(about, dict) and about.get("kind") == "intersubject" else "CC_max"
+        parts = [fig.histogram({name: ceiling}, "noise ceiling", name),
+                 fig.brain_map(space, result.full(ceiling), f"noise ceiling ({name})", vmax=1.0)]
+        if top is not None:
+            parts.append(fig.scatter(ceiling, top.stat("r"), f"{top.name}: test r against the ceiling", name,
+                                     "test r", diagonal=True))
         what = (about.get("description", "") if isinstance(about, dict) and about.get("kind") == "intersubject"
                 else f"CC_max from {info.get('n_test_repeats')} repeats of the test stories")
         out.append(("ceiling", "Noise ceiling", para(
