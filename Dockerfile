@@ -13,23 +13,29 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 
-# The PyPI torch wheel brings its own CUDA libraries; the host needs only the NVIDIA driver.
+# The PyPI torch wheel is built with CUDA 13 (NVIDIA driver 580 or newer on the host); for older
+# drivers build with e.g. --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
+ARG TORCH_INDEX_URL=""
 COPY pyproject.toml README.md /src/
 COPY bidsenc /src/bidsenc
-RUN pip install /src && rm -rf /src
+RUN if [ -n "$TORCH_INDEX_URL" ]; then pip install "torch==2.11.*" "torchaudio==2.11.*" --index-url "$TORCH_INDEX_URL"; fi \
+    && pip install /src && rm -rf /src
 
-# The default run's models, baked in and read offline from a read-only hub cache.
-ENV HF_HUB_CACHE=/opt/bidsenc/hf-hub
+# The default run's models, baked in as plain folders that bidsenc finds by hub id
+# (BIDSENC_MODEL_DIR/<org>/<name>) without any hub access.
+ENV BIDSENC_MODEL_DIR=/opt/bidsenc/models
 RUN python -c "from huggingface_hub import snapshot_download as get; \
 patterns = ['*.json', '*.txt', '*.model', '*.safetensors', 'pytorch_model.bin']; \
-[get(name, allow_patterns=patterns) for name in ('facebook/opt-125m', 'openai/whisper-tiny')]" \
+[get(name, local_dir=f'/opt/bidsenc/models/{name}', allow_patterns=patterns) \
+ for name in ('facebook/opt-125m', 'openai/whisper-tiny')]" \
+    && rm -rf /opt/bidsenc/models/*/*/.cache \
     && chmod -R a+rX /opt/bidsenc \
     && python -c "import bidsenc; print(bidsenc.__version__)" > /version
 
 # Nothing is written to $HOME or the image at run time: caches to /tmp, results to the bound folders.
-ENV HF_HUB_OFFLINE=1 \
-    TRANSFORMERS_OFFLINE=1 \
-    HF_HOME=/tmp/bidsenc-hf \
+# Models other than the baked ones: bind a folder of copies at $BIDSENC_MODEL_DIR (or use --model-dir),
+# or allow downloads (--allow-download) into HF_HOME, ideally a bound folder.
+ENV HF_HOME=/tmp/bidsenc-hf \
     TORCH_HOME=/tmp/bidsenc-torch \
     MPLCONFIGDIR=/tmp/bidsenc-matplotlib \
     XDG_CACHE_HOME=/tmp/bidsenc-cache \

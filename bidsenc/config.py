@@ -9,6 +9,7 @@ No other module reads argv or environment variables for run parameters.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
@@ -102,6 +103,11 @@ class ExecutionConfig:
     random_seed: int = 0
     verbose: int = 0
     allow_download: bool = False
+    #: Local copies of hub models, looked up as ``<model_dir>/<org>/<name>`` before the hub
+    #: cache (the container's baked models; default: $BIDSENC_MODEL_DIR when set).
+    model_dir: Path | None = None
+    #: Only rewrite the HTML reports from the outputs already in output_dir.
+    reports_only: bool = False
     features_only: bool = False
 
 
@@ -198,7 +204,7 @@ class RunConfig:
 
 _SECTIONS = ("inputs", "execution", "models", "outputs")
 _PATH_KEYS = {"bids_dir", "output_dir", "stimuli_dir", "work_dir", "feature_cache", "bids_database_dir",
-              "atlas_labels"}
+              "atlas_labels", "model_dir"}
 
 
 def build_config(cli: dict, config_file: Path | None = None) -> RunConfig:
@@ -228,6 +234,8 @@ def build_config(cli: dict, config_file: Path | None = None) -> RunConfig:
     for section in _SECTIONS:
         merged[section].update(cli.get(section, {}))
     merged["execution"].setdefault("work_dir", "work")  # relative to where bidsenc was started
+    if os.environ.get("BIDSENC_MODEL_DIR"):  # set by the container image, which bakes the default models
+        merged["execution"].setdefault("model_dir", os.environ["BIDSENC_MODEL_DIR"])
     if cli.get("features"):
         features = tuple(cli["features"])
 

@@ -30,6 +30,6 @@ def resolve_device(requested: str) -> str:
         log.info("device: %s (CUDA %s, %.1f GiB), %d GPU(s) visible", props.name, torch.version.cuda,
                  props.total_memory / 2**30, torch.cuda.device_count())
     else:
-        log.info("device: CPU (%d threads)%s", torch.get_num_threads(),
+        log.info("device: CPU, %d thread(s)%s", torch.get_num_threads(),
                  "" if requested == "cpu" else "; no CUDA GPU visible")
     return device

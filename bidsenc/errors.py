@@ -14,6 +14,7 @@ class BidsencError(Exception):
     exit_code = 1
 
     def __init__(self, message: str):
+        message = " ".join(str(message).split())  # one line, whatever a library's text brought along
         super().__init__(message)
         self.message = message
 

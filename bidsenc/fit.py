@@ -184,14 +184,16 @@ def _intersubject_ceiling(experiment, peers, resp, space, settings, detrend, m):
         pairs = [(i, theirs[_timing(run)]) for i, run in enumerate(resp.train_runs) if _timing(run) in theirs]
         if not pairs:
             continue
-        try:
+        try:  # cleaned exactly as this participant's responses are
             ys, _ = load_responses([run for _, run in pairs], like=space)
+            confounds = [load_confounds(run, m.confounds) for _, run in pairs]
         except (DataError, MissingInputError) as err:
             log.info("inter-subject ceiling: sub-%s left out (%s)", peer.participant, err.message)
             continue
-        for (i, run), y in zip(pairs, ys, strict=True):
+        for (i, run), y, conf in zip(pairs, ys, confounds, strict=True):
             rows = kept_rows(run, settings, test=False)
-            total[offsets[i]:offsets[i] + len(rows)] += clean_run(y, run, detrend=detrend, high_pass=m.high_pass)[rows]
+            cleaned = clean_run(y, run, detrend=detrend, high_pass=m.high_pass, confounds=conf)
+            total[offsets[i]:offsets[i] + len(rows)] += cleaned[rows]
             count[offsets[i]:offsets[i] + len(rows)] += 1
         used.append(peer.participant)
     have = count > 0

@@ -9,7 +9,7 @@ from pathlib import Path
 from ._io import atomic_write_text
 from .bids.discover import Dataset, discover
 from .config import RunConfig
-from .errors import BidsencError
+from .errors import BidsencError, DataError, MissingInputError, NoDataSelectedError
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,9 @@ def participant(cfg: RunConfig, dataset: Dataset, label: str, logs_dir: Path, ru
         write_participant(result, experiment, cfg)
     except BidsencError as err:
         error = err.message
+        raise
+    except (KeyboardInterrupt, SystemExit):
+        error = "interrupted (stopped by the user or the scheduler) before the outputs were complete"
         raise
     except BaseException as err:
         error = f"internal error ({type(err).__name__}: {err}); see the log and crash file in {logs_dir}"
@@ -67,6 +70,22 @@ def _peers(cfg: RunConfig, dataset: Dataset, experiment) -> list:
     return peers
 
 
+def reports_only(cfg: RunConfig, logs_dir: Path) -> None:
+    """Rewrite the participants' reports from what output_dir holds (no discovery, no fitting)."""
+    from .derivatives import participant_labels
+
+    out = cfg.inputs.output_dir
+    labels = list(cfg.inputs.participant_label) or participant_labels(out)
+    if not labels:
+        raise MissingInputError(f"no participant outputs in {out} to report on; run the participant level first")
+    from .report.participant import write_participant_report
+
+    for label in labels:
+        record = logs_dir / f"experiment-sub-{label}.json"
+        experiment = json.loads(record.read_text()) if record.is_file() else None
+        write_participant_report(out, label, experiment, [])
+
+
 def _participant_report(out: Path, label: str, experiment, warnings: list[str], error: str | None) -> None:
     """Write the report without letting a reporting problem hide the run's own outcome."""
     from .report.participant import write_participant_report
@@ -92,8 +111,18 @@ def features_only(cfg: RunConfig, dataset: Dataset, labels: list[str], logs_dir:
                   device: str) -> None:
     """Precompute every feature of every story the selected participants heard (a GPU job)."""
     unique: dict = {}
+    found = []
     for label in labels:
-        for story in _discover_and_record(cfg, dataset, label, logs_dir).stories.values():
+        try:
+            found.append(_discover_and_record(cfg, dataset, label, logs_dir))
+        except (DataError, MissingInputError, NoDataSelectedError) as err:
+            if len(labels) == 1:
+                raise
+            log.warning("skipped sub-%s: %s", label, err.message)
+    if not found:
+        raise MissingInputError(f"none of the {len(labels)} participants could be discovered (see the warnings)")
+    for experiment in found:
+        for story in experiment.stories.values():
             known = unique.get(story.id)
             if known is None:
                 unique[story.id] = story
@@ -126,7 +155,8 @@ def extract_features(cfg: RunConfig, stories: dict, device: str):
 
     cfg.feature_cache.mkdir(parents=True, exist_ok=True)
     store = FeatureStore(cfg.feature_cache)
-    return extract(cfg.features, stories, store, device=device, allow_download=cfg.execution.allow_download)
+    return extract(cfg.features, stories, store, device=device, allow_download=cfg.execution.allow_download,
+                   model_dir=cfg.execution.model_dir)
 
 
 def group(cfg: RunConfig) -> None:

@@ -307,3 +307,28 @@ def test_exit_66_model_not_available_offline(small):
     code, _, err = _run(small, "--feature", "lm:some-org/no-such-model")
     assert code == 66
     _assert_one_line_error(err, "some-org/no-such-model", "--allow-download")
+
+
+def test_one_participants_missing_input_does_not_stop_the_others(small):
+    ds, _, _, _ = small
+    (ds / "sub-01" / "func" / "sub-01_task-story_events.tsv").write_text(
+        "onset\tduration\ttrial_type\tstim_file\n3.0\t30.0\tstory\tmissing.wav\n")
+    code, _, err = _run(small, "--skip-bids-validation")
+    assert "skipped sub-01: sub-01:" not in err  # the label is said once
+    assert "skipped sub-01" in err and "skipped sub-02" in err  # sub-02 was still tried (its 30 volumes are too few)
+    assert code == 66  # nobody left: the first participant's exit code
+    _assert_one_line_error(err, "none of the 2 participants could be analysed; first: sub-01")
+
+
+def test_thread_limits_apply(small):
+    ds, out, work, lm = small
+    code, _, err = bidsenc(ds, out, "participant", "-w", work, "--feature", f"lm:{lm}", "--skip-bids-validation",
+                           "--omp-nthreads", "1")
+    assert "device: CPU, 1 thread(s)" in err
+
+
+def test_error_messages_are_one_line():
+    from bidsenc.errors import DataError
+
+    err = DataError("bad.tsv: unreadable (Error tokenizing data. C error: Expected 2 fields in line 3, saw 3\n)")
+    assert "\n" not in err.message and err.message.endswith("saw 3 )")

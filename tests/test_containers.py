@@ -60,7 +60,8 @@ def test_dockerfile_passes_hadolint_and_keeps_the_bids_app_conventions():
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
     assert 'ENTRYPOINT ["/usr/local/bin/bidsenc"]' in text and re.search(r"^USER \d+$", text, re.M)
-    assert "HF_HUB_OFFLINE=1" in text and "HOME=/tmp" in text and "> /version" in text
+    assert "BIDSENC_MODEL_DIR=/opt/bidsenc/models" in text and "HOME=/tmp" in text and "> /version" in text
+    assert "HF_HUB_OFFLINE" not in text  # bidsenc is offline by itself; --allow-download must still work
     assert re.search(r"^FROM python:3\.11\.\d+-slim-\w+$", text, re.M)  # a pinned base
     assert f"ARG VERSION={__version__}" in text
 
@@ -71,7 +72,7 @@ def test_singularity_recipe_runs_bidsenc():
     recipe = next(iter(SingularityParser(str(ROOT / "Singularity.def")).recipe.values()))
     assert recipe.fromHeader == f"bidsenc/bidsenc:{__version__}"
     assert recipe.cmd == 'exec bidsenc "$@"'
-    assert any("HF_HUB_OFFLINE=1" in line for line in recipe.environ)
+    assert any("BIDSENC_MODEL_DIR=/opt/bidsenc/models" in line for line in recipe.environ)
 
 
 def test_generated_by_names_the_container_only_inside_it(monkeypatch, tmp_path):

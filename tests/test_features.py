@@ -91,3 +91,28 @@ def test_second_participant_reuses_the_cache(demo, demo_models, tmp_path):
                   (p / "features-sub-02.json").exists()]
     described = json.loads((run_dir / "features-sub-02.json").read_text())
     assert described[0]["fingerprint"] and described[0]["hidden_size"] == 32
+
+
+def test_hub_ids_are_found_in_the_model_dir(demo, demo_models, tmp_path, monkeypatch):
+    """The container's baked models: a hub id with a copy in --model-dir (or $BIDSENC_MODEL_DIR) needs no hub."""
+    import shutil
+
+    lm, _ = demo_models
+    models = tmp_path / "models"
+    shutil.copytree(lm, models / "someorg" / "tiny-lm")
+    spec = "lm:someorg/tiny-lm:layers=last:min_context=64"
+    cfg, stories = _stories(demo, tmp_path, spec)
+    from bidsenc.errors import MissingInputError
+
+    with pytest.raises(MissingInputError, match="someorg/tiny-lm is not available offline"):
+        extract(cfg.features, stories, FeatureStore(tmp_path / "cache"))
+    monkeypatch.setenv("BIDSENC_MODEL_DIR", str(models))
+    cfg, stories = _stories(demo, tmp_path, spec)
+    assert cfg.execution.model_dir == models
+    (space,) = extract(cfg.features, stories, FeatureStore(tmp_path / "cache"), model_dir=cfg.execution.model_dir)
+    described = space.describe()
+    assert described["model"] == "someorg/tiny-lm" and described["loaded_from"] == str(models / "someorg" / "tiny-lm")
+    assert "_path" not in described["options"] and space.counts["computed"] == len(stories)
+    direct = extract([type(cfg.features[0]).parse(f"lm:{lm}:layers=last:min_context=64")], stories,
+                     FeatureStore(tmp_path / "cache2"))[0]
+    np.testing.assert_array_equal(direct.load("festival_audio").layers[2], space.load("festival_audio").layers[2])

@@ -474,7 +474,7 @@ def test_a_participant_with_only_constant_voxels_is_skipped(demo, tiny_lm, tmp_p
     out = tmp_path / "out"
     assert bidsenc_main([str(ds), str(out), "participant", *common]) == 0
     log = "".join(p.read_text() for p in (out / "logs").glob("*/bidsenc.log"))
-    assert "sub-02 skipped: sub-02: every one of the" in log and "1 of 2 participants skipped" in log
+    assert "skipped sub-02: every one of the" in log and "1 of 2 participants skipped" in log
     assert read_participant(out, "01").models and not (out / "sub-02" / "func").exists()
     assert bidsenc_main([str(ds), str(tmp_path / "o2"), "participant", "--participant-label", "02", *common]) == 65
 
@@ -531,3 +531,17 @@ def test_sessions_get_their_own_folders_and_analyses_never_clobber_each_other(de
     assert not [i for i in _validate(out)["issues"]["issues"] if i["severity"] == "error"]
     with pytest.raises(PartialOutputError, match="2 analyses"):
         read_participant(out, "01")
+
+
+def test_reports_only_rewrites_the_reports_from_the_outputs(written, tmp_path):
+    out, runs = written
+    copy = _copy(out, tmp_path)
+    for label in ("01", "02"):
+        (copy / f"sub-{label}.html").unlink()
+    root = runs["01"][0].inputs.bids_dir
+    assert bidsenc_main([str(root), str(copy), "participant", "--reports-only"]) == 0
+    for label in ("01", "02"):
+        text = (copy / f"sub-{label}.html").read_text()
+        assert ">Models</h2>" in text and ">Maps</h2>" in text
+        _assert_real_pictures(_pictures(text), 10)
+    assert not list((copy / "logs").glob("*/features-*.json"))  # nothing was extracted or fitted

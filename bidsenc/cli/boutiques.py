@@ -79,7 +79,8 @@ def _input(action: argparse.Action) -> dict:
             entry["value-choices"] = ["participant", "group"]
         return entry
     flag = next((o for o in action.option_strings if o.startswith("--") and "_" not in o), action.option_strings[0])
-    entry = {"id": name, "name": name.replace("_", " ").capitalize(), "value-key": key, "optional": True,
+    # named after the flag, so that a ticked box does what it says (--no-reports: "No reports")
+    entry = {"id": name, "name": flag.lstrip("-").replace("-", " ").capitalize(), "value-key": key, "optional": True,
              "command-line-flag": flag, "description": action.help}
     if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction | argparse._CountAction):
         entry["type"] = "Flag"

@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only compute the features of every story (e.g. one GPU job before participant jobs)")
     g.add_argument("--allow-download", action="store_true",
                    help="let models be downloaded from the Hugging Face hub (off: local files only)")
+    g.add_argument("--model-dir", type=Path, metavar="DIR",
+                   help="local copies of hub models, found as DIR/<org>/<name> before the Hugging Face cache "
+                   "(default: $BIDSENC_MODEL_DIR; the container's baked models)")
 
     g = parser.add_argument_group("encoding models")
     g.add_argument("--preset", choices=("default", "reference"),
@@ -110,13 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: 0.3)")
     g.add_argument("--no-reports", dest="reports", action="store_false",
                    help="do not write the HTML reports")
+    g.add_argument("--reports-only", action="store_true",
+                   help="only rewrite the participants' HTML reports from the outputs already in output_dir")
 
     g = parser.add_argument_group("execution")
     g.add_argument("-w", "--work-dir", type=Path, metavar="DIR", help="scratch folder (default: ./work)")
     g.add_argument("--bids-database-dir", type=Path, metavar="DIR",
                    help="where PyBIDS keeps its index of bids_dir, reused by later runs (default: none)")
     g.add_argument("--config-file", type=Path, metavar="FILE",
-                   help="TOML settings ([inputs], [execution], [[features]]); the command line wins")
+                   help="TOML settings ([inputs], [execution], [models], [outputs], [[features]]); the command line "
+                   "wins")
     g.add_argument("--nprocs", "--n-cpus", dest="nprocs", type=int, metavar="N", help="CPU processes to use")
     g.add_argument("--omp-nthreads", type=int, metavar="N", help="threads per process")
     g.add_argument("--mem", "--mem-gb", dest="mem", metavar="SIZE", help="memory limit, e.g. 16GB")

@@ -20,7 +20,15 @@ from pathlib import Path
 from .. import __version__
 from .._io import atomic_write_text
 from ..config import FeatureSpec, RunConfig, build_config, parse_key_path
-from ..errors import BidsencError, DataError, IOFailure, OutputError, UsageError
+from ..errors import (
+    BidsencError,
+    DataError,
+    IOFailure,
+    MissingInputError,
+    NoDataSelectedError,
+    OutputError,
+    UsageError,
+)
 from .parser import build_parser
 
 log = logging.getLogger("bidsenc")
@@ -28,7 +36,7 @@ log = logging.getLogger("bidsenc")
 _IO_ERRNOS = {errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 _SECTIONS = {
     "execution": {"work_dir", "feature_cache", "bids_database_dir", "nprocs", "omp_nthreads", "device",
-                  "random_seed", "verbose", "allow_download", "features_only"},
+                  "random_seed", "verbose", "allow_download", "features_only", "model_dir", "reports_only"},
     "models": {"preset", "test_stories", "n_permutations", "data_scaling_seeds", "confounds",
                "save_weights", "banded"},
     "outputs": {"map_layers", "atlas", "atlas_labels", "ceiling_threshold", "reports"},
@@ -138,6 +146,10 @@ def _run(cfg: RunConfig, logs_dir: Path, run_dir: Path) -> None:
         return
     from ..device import resolve_device
 
+    _limit_threads(cfg)
+    if cfg.execution.reports_only:
+        workflow.reports_only(cfg, logs_dir)
+        return
     device = resolve_device(cfg.execution.device)
     if not cfg.inputs.skip_bids_validation:
         validate_bids(cfg.inputs.bids_dir)
@@ -146,23 +158,37 @@ def _run(cfg: RunConfig, logs_dir: Path, run_dir: Path) -> None:
     if cfg.execution.features_only:
         workflow.features_only(cfg, dataset, labels, logs_dir, run_dir, device)
         return
-    failed: list[DataError] = []
+    failed: list[BidsencError] = []
     for label in labels:
         try:
             workflow.participant(cfg, dataset, label, logs_dir, run_dir, device)
-        except DataError as err:
+        except (DataError, MissingInputError, NoDataSelectedError) as err:
+            if not err.message.startswith(f"sub-{label}"):
+                err.message = f"sub-{label}: {err.message}"
             if len(labels) == 1:
                 raise
-            # one participant's bad data: say so and go on with the rest (the error line comes at the end
-            # if none is left)
-            log.warning("sub-%s skipped: %s", label, err.message)
+            # one participant's data: say so and go on with the rest (the error comes at the end if none is left)
+            log.warning("skipped %s", err.message)
             failed.append(err)
     if failed and len(failed) == len(labels):
-        raise DataError(failed[0].message if len(set(e.message for e in failed)) == 1 else
-                        f"none of the {len(labels)} participants could be analysed; first: {failed[0].message}")
+        first = failed[0]
+        first.message = f"none of the {len(labels)} participants could be analysed; first: {first.message}"
+        raise first
     if failed:
-        log.warning("%d of %d participants skipped for bad data (see the errors above); the others are done",
+        log.warning("%d of %d participants skipped (see the warnings above); the others are done",
                     len(failed), len(labels))
+
+
+def _limit_threads(cfg: RunConfig) -> None:
+    """--omp-nthreads (else --nprocs) caps torch's and the BLAS libraries' threads, for shared nodes."""
+    n = cfg.execution.omp_nthreads or cfg.execution.nprocs
+    if not n:
+        return
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(n)
+    threadpool_limits(n)
 
 
 def _fail(err: BidsencError) -> int:

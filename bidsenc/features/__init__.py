@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from pathlib import Path
 from dataclasses import dataclass, field
 
 from ..bids.experiment import Story
@@ -45,20 +46,36 @@ class FeatureSpace:
         return self.store.load(self.requests[story_id])
 
     def describe(self) -> dict:
-        return {"name": self.name, "kind": self.spec.kind, "model": self.spec.model, "options": self.spec.options,
+        options = {k: v for k, v in self.spec.options.items() if k != "_path"}
+        where = {"loaded_from": self.spec.options["_path"]} if "_path" in self.spec.options else {}
+        return {"name": self.name, "kind": self.spec.kind, "model": self.spec.model, "options": options, **where,
                 "layers": self.layers, **{k: v for k, v in self.model.items() if k not in ("model", "kind")}}
 
 
 def extract(specs, stories: dict[str, Story], store: FeatureStore, *, device: str = "cpu",
-            allow_download: bool = False, progress: bool = True) -> list[FeatureSpace]:
+            allow_download: bool = False, progress: bool = True, model_dir: Path | None = None) -> list[FeatureSpace]:
     """Make sure every spec's features exist for every story, computing what is missing.
 
     Text features come first, so that a missing audio file stops the run only after
-    the language-model features are cached.
+    the language-model features are cached. A hub id with a copy in ``model_dir``
+    (``model_dir/<org>/<name>``, as ``save_pretrained`` or ``hf download --local-dir``
+    writes it) is loaded from there; the outputs still name the hub id.
     """
     ordered = sorted(specs, key=lambda spec: spec.kind != "lm")
-    spaces = {id(spec): _extract_one(spec, stories, store, device, allow_download, progress) for spec in ordered}
+    spaces = {id(spec): _extract_one(_located(spec, model_dir), stories, store, device, allow_download, progress)
+              for spec in ordered}
     return [spaces[id(spec)] for spec in specs]
+
+
+def _located(spec: FeatureSpec, model_dir: Path | None) -> FeatureSpec:
+    """The spec with its model read from ``model_dir`` when a copy is there (the name kept as given)."""
+    if model_dir is None or Path(spec.model).expanduser().is_dir():
+        return spec
+    copy = Path(model_dir) / spec.model
+    if not (copy / "config.json").is_file():
+        return spec
+    log.info("%s: loaded from its local copy %s", spec.model, copy)
+    return FeatureSpec(spec.kind, spec.model, {**spec.options, "_path": str(copy)})
 
 
 def _extract_one(spec: FeatureSpec, stories: dict[str, Story], store: FeatureStore, device: str,
@@ -75,11 +92,12 @@ def _extract_one(spec: FeatureSpec, stories: dict[str, Story], store: FeatureSto
         raise MissingInputError(f"{spec.kind} features from {spec.model} need {what}; story "
                                 f"{', '.join(missing[:5])} has none")
     options = _options(spec)
-    config = _load_config(spec.model, allow_download, options.get("revision"))
+    source = spec.options.get("_path", spec.model)
+    config = _load_config(source, allow_download, options.get("revision"))
     n_layers = _n_layers(config, spec.kind)
     layers = parse_layers(options.get("layers"), n_layers)
     params = _extraction_params(spec, options)
-    model_key = f"{slug(spec.model)}-{_hash(model_fingerprint(spec.model, config, options.get('revision')), params)}"
+    model_key = f"{slug(spec.model)}-{_hash(model_fingerprint(source, config, options.get('revision')), params)}"
     requests = {sid: Request(model_key, f"{slug(sid)}-{s.content_hash[:12]}", tuple(layers))
                 for sid, s in sorted(usable.items())}
     by_request = {req: usable[sid] for sid, req in requests.items()}
@@ -110,7 +128,7 @@ def _compute_lm(spec, options, stories: list[Story], todo: list[Request], layers
                 progress, described):
     from .lm import extract_lm_features, load_language_model
 
-    lm = load_language_model(spec.model, device=device, dtype=options.get("dtype", "auto"),
+    lm = load_language_model(spec.options.get("_path", spec.model), device=device, dtype=options.get("dtype", "auto"),
                              allow_download=allow_download, revision=options.get("revision"),
                              device_map=options.get("device_map"))
     described.update(lm.describe())
@@ -137,7 +155,7 @@ def _compute_audio(spec, options, stories: list[Story], todo: list[Request], lay
     from ..bids.audio import load_audio
     from .audio import extract_audio_features, load_audio_model
 
-    model = load_audio_model(spec.model, device=device, dtype=options.get("dtype", "auto"),
+    model = load_audio_model(spec.options.get("_path", spec.model), device=device, dtype=options.get("dtype", "auto"),
                              allow_download=allow_download, revision=options.get("revision"))
     info = {"model": spec.model, "kind": "audio", "n_parameters": model.n_parameters, "n_layers": model.n_layers,
             "hidden_size": model.hidden_size, "fingerprint": model.fingerprint,
@@ -157,6 +175,8 @@ def _options(spec: FeatureSpec) -> dict:
     known = _LM_OPTIONS if spec.kind == "lm" else _AUDIO_OPTIONS
     out = {}
     for key, value in spec.options.items():
+        if key == "_path":  # set by _located, not by the user
+            continue
         if key not in known:
             raise UsageError(f"feature {spec.kind}:{spec.model}: unknown option {key!r}; "
                              f"known: {', '.join(sorted(known))}")

@@ -51,8 +51,9 @@ def from_pretrained(loader, name: str, *, allow_download: bool, revision: str | 
         if local.is_dir():
             raise MissingInputError(f"model folder {local} cannot be loaded: {str(err).splitlines()[0]}") from None
         raise MissingInputError(
-            f"model {name} is not available offline; fetch it once on a machine with internet "
-            f"(`hf download {name}`, then point HF_HOME at that cache) or rerun with --allow-download"
+            f"model {name} is not available offline; fetch it once where there is internet "
+            f"(`hf download {name} --local-dir DIR/{name}`, then pass --model-dir DIR) or rerun with "
+            "--allow-download"
         ) from None
 
 
