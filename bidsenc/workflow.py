@@ -107,21 +107,39 @@ class _WarningCollector(logging.Handler):
         self.messages.append(record.getMessage())
 
 
+def each_participant(labels: list[str], action) -> list:
+    """``action(label)`` for every participant; one whose data are at fault is skipped, not the run.
+
+    A participant's bad data (65), missing input (66) or empty selection (18) is logged as a
+    warning naming it, and the others go on; when none is left, the first error ends the run
+    with its own exit code. Returns what ``action`` returned for the participants that succeeded.
+    """
+    done, failed = [], []
+    for label in labels:
+        try:
+            done.append(action(label))
+        except (DataError, MissingInputError, NoDataSelectedError) as err:
+            if not err.message.startswith(f"sub-{label}"):
+                err.message = f"sub-{label}: {err.message}"
+            if len(labels) == 1:
+                raise
+            log.warning("skipped %s", err.message)
+            failed.append(err)
+    if failed and len(failed) == len(labels):
+        first = failed[0]
+        first.message = f"none of the {len(labels)} participants could be analysed; first: {first.message}"
+        raise first
+    if failed:
+        log.warning("%d of %d participants skipped (see the warnings above); the others are done",
+                    len(failed), len(labels))
+    return done
+
+
 def features_only(cfg: RunConfig, dataset: Dataset, labels: list[str], logs_dir: Path, run_dir: Path,
                   device: str) -> None:
     """Precompute every feature of every story the selected participants heard (a GPU job)."""
     unique: dict = {}
-    found = []
-    for label in labels:
-        try:
-            found.append(_discover_and_record(cfg, dataset, label, logs_dir))
-        except (DataError, MissingInputError, NoDataSelectedError) as err:
-            if len(labels) == 1:
-                raise
-            log.warning("skipped sub-%s: %s", label, err.message)
-    if not found:
-        raise MissingInputError(f"none of the {len(labels)} participants could be discovered (see the warnings)")
-    for experiment in found:
+    for experiment in each_participant(labels, lambda label: _discover_and_record(cfg, dataset, label, logs_dir)):
         for story in experiment.stories.values():
             known = unique.get(story.id)
             if known is None:

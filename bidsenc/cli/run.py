@@ -20,15 +20,7 @@ from pathlib import Path
 from .. import __version__
 from .._io import atomic_write_text
 from ..config import FeatureSpec, RunConfig, build_config, parse_key_path
-from ..errors import (
-    BidsencError,
-    DataError,
-    IOFailure,
-    MissingInputError,
-    NoDataSelectedError,
-    OutputError,
-    UsageError,
-)
+from ..errors import BidsencError, IOFailure, OutputError, UsageError
 from .parser import build_parser
 
 log = logging.getLogger("bidsenc")
@@ -158,25 +150,8 @@ def _run(cfg: RunConfig, logs_dir: Path, run_dir: Path) -> None:
     if cfg.execution.features_only:
         workflow.features_only(cfg, dataset, labels, logs_dir, run_dir, device)
         return
-    failed: list[BidsencError] = []
-    for label in labels:
-        try:
-            workflow.participant(cfg, dataset, label, logs_dir, run_dir, device)
-        except (DataError, MissingInputError, NoDataSelectedError) as err:
-            if not err.message.startswith(f"sub-{label}"):
-                err.message = f"sub-{label}: {err.message}"
-            if len(labels) == 1:
-                raise
-            # one participant's data: say so and go on with the rest (the error comes at the end if none is left)
-            log.warning("skipped %s", err.message)
-            failed.append(err)
-    if failed and len(failed) == len(labels):
-        first = failed[0]
-        first.message = f"none of the {len(labels)} participants could be analysed; first: {first.message}"
-        raise first
-    if failed:
-        log.warning("%d of %d participants skipped (see the warnings above); the others are done",
-                    len(failed), len(labels))
+    workflow.each_participant(labels, lambda label: workflow.participant(cfg, dataset, label, logs_dir, run_dir,
+                                                                        device))
 
 
 def _limit_threads(cfg: RunConfig) -> None:
