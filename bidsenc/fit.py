@@ -32,7 +32,7 @@ from .models.encoding import (
 )
 from .models.ceiling import intersubject_reliability
 from .models.ridge import fit_and_score, pearson_r
-from .results import BandedResult, ModelResult, ParticipantResult, StackedResult
+from .results import BandedResult, ModelResult, ParticipantResult, model_family, relative_depth
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +86,18 @@ def fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, device
              f"{len(y_test)} test volumes ({len(resp.test_repeats)} repeats of {', '.join(test_stories)})",
              int(valid.sum()), len(folds))
 
-    rows, models, best = [], [], {}
+    threshold = cfg.outputs.ceiling_threshold
+    will_stack = m.stacking and len(spaces) >= 2 and not reference and not outer
+    will_band = m.banded and len(spaces) >= 2 and not outer
+    will_scale = bool(m.data_scaling_seeds) and not outer
+    if m.banded and not will_band:
+        log.info("sub-%s: banded ridge needs two feature spaces or more and a test story", label)
+    if m.data_scaling_seeds and not will_scale:
+        log.info("sub-%s: no data-scaling curve without a test story", label)
+    rows, models, scaling_rows = [], [], []
+    joint = {"names": [], "oof": [], "test_predictions": [], "x_train": [], "x_test": []}
     for fs in spaces:
-        fits = []
+        fits, layer_rows, kept = [], [], None  # kept: the best layer so far with its design, reused below
         for layer in fs.layers:
             x_train, x_test = features_for(resp, _layer_features(fs, experiment.stories, layer), settings)
             if outer:
@@ -99,51 +108,47 @@ def fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, device
                 fit = evaluate_layer(layer, x_train, y_train, x_test, y_test, folds, alphas, device=device,
                                      mem_gb=cfg.execution.mem_gb, return_weights=m.save_weights)
             fits.append(fit)
-            rows.append(_summary_row(fs, fit, ceil_v, cfg.outputs.ceiling_threshold))
-        chosen = select_best_layer(fits)
+            layer_rows.append(_summary_row(fs, fit, ceil_v, threshold))
+            if kept is None or select_best_layer([kept[0], fit]) is fit:  # ties keep the earlier layer
+                kept = (fit, x_train, x_test)
+        chosen, x_train, x_test = kept
         for fit in fits:  # weights, when asked, are kept for the chosen layer only
             if fit is not chosen:
                 fit.weights = None
         scored = _held_out(y_train, folds) if outer else y_test
         pvalues, discoveries = significance(chosen.predictions, scored, n_permutations=m.n_permutations,
                                             q=m.fdr_q, seed=seed)
-        best[fs.name] = (fs, chosen)
+        layer_rows[fits.index(chosen)]["best"] = True
+        rows += layer_rows
         models.append(ModelResult(fs.name, fs.describe(), np.array(fs.layers),
                                   np.stack([f.stats(ceil_v) for f in fits]), chosen.layer,
                                   pvalues.astype(np.float32), discoveries, chosen.weights))
         log.info("%s: best layer %d (by cross-validated training score): mean test r %.3f, %d voxels "
                  "significant (FDR q=%.2f)", fs.name, chosen.layer, float(chosen.test_r.mean()),
                  int(discoveries.sum()), m.fdr_q)
+        # the chosen layer's design serves stacking, banded ridge and data scaling
+        joint["names"].append(fs.name)
+        if will_stack:
+            joint["oof"].append(out_of_fold_predictions(x_train, y_train, folds, chosen.alphas, device=device,
+                                                        mem_gb=cfg.execution.mem_gb))
+            joint["test_predictions"].append(chosen.predictions)
+        if will_band:
+            joint["x_train"].append(x_train)
+            joint["x_test"].append(x_test)
+        if will_scale:
+            scaling_rows += _data_scaling(fs.name, chosen.layer, x_train, x_test, resp, y_train, y_test, alphas,
+                                          ceil_v, cfg, experiment.runs[0].tr, device)
 
+    stacked = banded = None
+    if will_stack:
+        stacked = stack_spaces(joint["names"], joint["oof"], joint["test_predictions"], y_train, y_test)
+        rows.append(_joint_row("stacked", stacked.r, stacked.r2, ceil_v, threshold))
+    if will_band:
+        banded = _banded(joint["names"], joint["x_train"], y_train, joint["x_test"], y_test, folds, alphas, device,
+                         seed)
+        rows.append(_joint_row("banded", banded.r, banded.r2, ceil_v, threshold))
     summary = pd.DataFrame(rows)
-    for name, (fs, chosen) in best.items():
-        summary.loc[(summary.model == name) & (summary.layer == chosen.layer), "best"] = True
-    stacked = None
-    if m.stacking and len(best) >= 2 and not reference and not outer:
-        stacked = _stack(best, resp, settings, folds, y_train, y_test, alphas, device, cfg, experiment)
-        summary = pd.concat([summary, pd.DataFrame([{
-            "model": "stacked", "family": "stacked", "n_parameters": np.nan, "layer": -1,
-            "relative_depth": np.nan, "mean_r": stacked.r.mean(), "median_r": np.median(stacked.r),
-            "mean_r2": stacked.r2.mean(),
-            "mean_r_ceiling": _mean_over_ceiling(stacked.r, ceil_v, cfg.outputs.ceiling_threshold),
-            "fraction_of_ceiling": _fraction_of_ceiling(stacked.r, ceil_v, cfg.outputs.ceiling_threshold),
-            "cv_score": np.nan, "best": True}])], ignore_index=True)
-    banded = None
-    if m.banded and len(best) >= 2 and not outer:
-        banded = _banded(best, resp, settings, folds, y_train, y_test, alphas, device, experiment, seed)
-        summary = pd.concat([summary, pd.DataFrame([{
-            "model": "banded", "family": "banded", "n_parameters": np.nan, "layer": -1, "relative_depth": np.nan,
-            "mean_r": banded.r.mean(), "median_r": np.median(banded.r), "mean_r2": banded.r2.mean(),
-            "mean_r_ceiling": _mean_over_ceiling(banded.r, ceil_v, cfg.outputs.ceiling_threshold),
-            "fraction_of_ceiling": _fraction_of_ceiling(banded.r, ceil_v, cfg.outputs.ceiling_threshold),
-            "cv_score": np.nan, "best": True}])], ignore_index=True)
-    elif m.banded:
-        log.info("sub-%s: banded ridge needs two feature spaces or more and a test story", label)
-    scaling = pd.DataFrame()
-    if m.data_scaling_seeds and not outer:
-        scaling = _data_scaling(best, resp, settings, y_train, y_test, alphas, ceil_v, cfg, experiment, device)
-    elif m.data_scaling_seeds:
-        log.info("sub-%s: no data-scaling curve without a test story", label)
+    scaling = pd.DataFrame(scaling_rows)
     info = {
         "space": space.kind, "space_name": space.name, "mask": space.mask_source, "n_voxels": space.n_voxels,
         "n_fitted": int(valid.sum()), "n_left_out": n_left_out,
@@ -241,8 +246,9 @@ def _subset_folds(groups, reference: bool, n_folds: int, seed: int):
     raise AssertionError("unreachable")
 
 
-def _data_scaling(best, resp, settings, y_train, y_test, alphas, ceil_v, cfg, experiment, device) -> pd.DataFrame:
-    """Test scores of each model's best layer fitted on random subsets of 1, 2, 4, ... training stories.
+def _data_scaling(name, layer, x_train, x_test, resp, y_train, y_test, alphas, ceil_v, cfg, tr,
+                  device) -> list[dict]:
+    """Test scores of one model's best layer fitted on random subsets of 1, 2, 4, ... training stories.
 
     Every subset keeps the test set; its alphas are re-chosen by cross-validation inside
     the subset (contiguous blocks when it holds a single story). The unit drawn is a
@@ -254,33 +260,30 @@ def _data_scaling(best, resp, settings, y_train, y_test, alphas, ceil_v, cfg, ex
                                   if rg == g for seg in run.segments}) for g in units}
     n_units = len(units)
     sizes = sorted({*(2 ** k for k in range(int(np.log2(n_units)) + 1)), n_units})
-    tr = experiment.runs[0].tr
+    threshold = cfg.outputs.ceiling_threshold
     rows = []
-    for name, (fs, chosen) in best.items():
-        x_train, x_test = features_for(resp, _layer_features(fs, experiment.stories, chosen.layer), settings)
-        for n in sizes:
-            for repeat in range(m.data_scaling_seeds if n < n_units else 1):
-                rng = np.random.default_rng([cfg.execution.random_seed, n, repeat])
-                picked = np.sort(rng.choice(units, size=n, replace=False))
-                rows_in = np.isin(resp.train_groups, picked)
-                try:
-                    folds = _subset_folds(resp.train_groups[rows_in], reference, m.n_folds, cfg.execution.random_seed)
-                except DataError as err:
-                    if repeat == 0:
-                        log.info("data scaling, %s, %d of %d stories: skipped (%s)", name, n, n_units, err.message)
-                    continue
-                out = fit_and_score(x_train[rows_in], y_train[rows_in], x_test, y_test, folds, alphas,
-                                    device=device, mem_gb=cfg.execution.mem_gb)
-                r = out["test_r"]
-                stories = [sid for g in picked for sid in stories_of[int(g)]]
-                rows.append({"model": name, "layer": chosen.layer, "n_stories": len(stories),
-                             "n_volumes": int(rows_in.sum()), "hours": rows_in.sum() * tr / 3600,
-                             "seed": repeat, "stories": ",".join(stories), "mean_r": float(r.mean()),
-                             "mean_r_ceiling": _mean_over_ceiling(r, ceil_v, cfg.outputs.ceiling_threshold),
-                             "fraction_of_ceiling": _fraction_of_ceiling(r, ceil_v, cfg.outputs.ceiling_threshold)})
-        log.info("data scaling, %s layer %d: %d subset fits", name, chosen.layer,
-                 sum(row["model"] == name for row in rows))
-    return pd.DataFrame(rows)
+    for n in sizes:
+        for repeat in range(m.data_scaling_seeds if n < n_units else 1):
+            rng = np.random.default_rng([cfg.execution.random_seed, n, repeat])
+            picked = np.sort(rng.choice(units, size=n, replace=False))
+            rows_in = np.isin(resp.train_groups, picked)
+            try:
+                folds = _subset_folds(resp.train_groups[rows_in], reference, m.n_folds, cfg.execution.random_seed)
+            except DataError as err:
+                if repeat == 0:
+                    log.info("data scaling, %s, %d of %d stories: skipped (%s)", name, n, n_units, err.message)
+                continue
+            out = fit_and_score(x_train[rows_in], y_train[rows_in], x_test, y_test, folds, alphas,
+                                device=device, mem_gb=cfg.execution.mem_gb)
+            r = out["test_r"]
+            stories = [sid for g in picked for sid in stories_of[int(g)]]
+            rows.append({"model": name, "layer": layer, "n_stories": len(stories),
+                         "n_volumes": int(rows_in.sum()), "hours": rows_in.sum() * tr / 3600,
+                         "seed": repeat, "stories": ",".join(stories), "mean_r": float(r.mean()),
+                         "mean_r_ceiling": _mean_over_ceiling(r, ceil_v, threshold),
+                         "fraction_of_ceiling": _fraction_of_ceiling(r, ceil_v, threshold)})
+    log.info("data scaling, %s layer %d: %d subset fits", name, layer, len(rows))
+    return rows
 
 
 def _run_groups(resp) -> list[int]:
@@ -305,33 +308,22 @@ def _held_out(y, folds):
     return y[scored]
 
 
-def _stack(best, resp, settings, folds, y_train, y_test, alphas, device, cfg, experiment):
-    names, oof, test_preds = [], [], []
-    for name, (fs, chosen) in best.items():
-        story_features = _layer_features(fs, experiment.stories, chosen.layer)
-        x_train, _ = features_for(resp, story_features, settings)
-        oof.append(out_of_fold_predictions(x_train, y_train, folds, chosen.alphas, device=device,
-                                           mem_gb=cfg.execution.mem_gb))
-        test_preds.append(chosen.predictions)
-        names.append(name)
-    out = stack_spaces(names, oof, test_preds, y_train, y_test)
-    return StackedResult(out.names, out.weights, out.test_r, out.test_r2)
-
-
-def _banded(best, resp, settings, folds, y_train, y_test, alphas, device, experiment, seed) -> BandedResult:
+def _banded(names, x_train, y_train, x_test, y_test, folds, alphas, device, seed) -> BandedResult:
     from .models.banded import banded_ridge
 
     t0 = time.perf_counter()
-    names, x_train, x_test = [], [], []
-    for name, (fs, chosen) in best.items():
-        a, b = features_for(resp, _layer_features(fs, experiment.stories, chosen.layer), settings)
-        names.append(name)
-        x_train.append(a)
-        x_test.append(b)
     fit = banded_ridge(names, x_train, y_train, x_test, y_test, folds, alphas=alphas, device=device, seed=seed)
     log.info("banded ridge of %d models: mean test r %.3f (%.0f s)", len(names), float(fit.r.mean()),
              time.perf_counter() - t0)
-    return BandedResult(fit.names, fit.r, fit.r2, fit.r2_split, fit.weights)
+    return fit
+
+
+def _joint_row(name: str, r: np.ndarray, r2: np.ndarray, ceiling, threshold: float) -> dict:
+    """The summary row of a combination of models (stacked, banded): no layer, no family of its own."""
+    return {"model": name, "family": name, "n_parameters": np.nan, "layer": -1, "relative_depth": np.nan,
+            "mean_r": float(r.mean()), "median_r": float(np.median(r)), "mean_r2": float(r2.mean()),
+            "mean_r_ceiling": _mean_over_ceiling(r, ceiling, threshold),
+            "fraction_of_ceiling": _fraction_of_ceiling(r, ceiling, threshold), "cv_score": np.nan, "best": True}
 
 
 def _fraction_of_ceiling(r: np.ndarray, ceiling: np.ndarray | None, threshold: float = 0.3) -> float:
@@ -351,9 +343,8 @@ def _mean_over_ceiling(r: np.ndarray, ceiling: np.ndarray | None, threshold: flo
 
 def _summary_row(fs, fit, ceiling, threshold: float) -> dict:
     d = fs.describe()
-    return {"model": fs.name, "family": d.get("options", {}).get("family") or d.get("model_type") or d.get("kind"),
-            "n_parameters": d.get("n_parameters", np.nan), "layer": fit.layer,
-            "relative_depth": fit.layer / max(d.get("n_layers") or 1, 1), "mean_r": float(fit.test_r.mean()),
+    return {"model": fs.name, "family": model_family(d), "n_parameters": d.get("n_parameters", np.nan),
+            "layer": fit.layer, "relative_depth": relative_depth(fit.layer, d), "mean_r": float(fit.test_r.mean()),
             "median_r": float(np.median(fit.test_r)), "mean_r2": float(fit.test_r2.mean()),
             "mean_r_ceiling": _mean_over_ceiling(fit.test_r, ceiling, threshold),
             "fraction_of_ceiling": _fraction_of_ceiling(fit.test_r, ceiling, threshold),

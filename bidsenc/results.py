@@ -12,7 +12,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from .models.encoding import LAYER_STATS  # order of the statistics along ModelResult.stats' last axis
+from .models.banded import BandedResult
+from .models.encoding import LAYER_STATS, StackedResult  # LAYER_STATS: order along ModelResult.stats' last axis
+
+
+def model_family(description: dict) -> str:
+    """The model family of scaling curves: the ``family`` option, else the architecture, else the kind."""
+    return str(description.get("options", {}).get("family") or description.get("model_type")
+               or description.get("kind", "?"))
+
+
+def relative_depth(layer, description: dict):
+    """``layer`` (0 = embeddings) over the model's number of layers: 0 to 1 whatever the model's depth."""
+    return np.asarray(layer) / max(description.get("n_layers") or 1, 1)
 
 
 @dataclass
@@ -40,30 +52,7 @@ class ModelResult:
 
     @property
     def family(self) -> str:
-        """The model family for scaling curves: the ``family`` option, else the architecture."""
-        d = self.description
-        return str(d.get("options", {}).get("family") or d.get("model_type") or d.get("kind", "?"))
-
-
-@dataclass
-class StackedResult:
-    """Convex per-voxel weights of several models' best layers, and the stacked scores."""
-
-    names: list[str]
-    weights: np.ndarray          # [n_models, V_fitted]
-    r: np.ndarray                # [V_fitted]
-    r2: np.ndarray               # [V_fitted]
-
-
-@dataclass
-class BandedResult:
-    """Several models' best layers fitted jointly by banded ridge."""
-
-    names: list[str]
-    r: np.ndarray                # [V_fitted]
-    r2: np.ndarray               # [V_fitted]
-    r2_split: np.ndarray         # [n_models, V_fitted] each model's share of the test R^2
-    weights: np.ndarray          # [n_models, V_fitted] kernel weights (sum to 1)
+        return model_family(self.description)
 
 
 @dataclass
@@ -94,6 +83,12 @@ class ParticipantResult:
     def model(self, name: str) -> ModelResult:
         return next(m for m in self.models if m.name == name)
 
+    @property
+    def ceiling_kind(self) -> str:
+        """``cc_max`` (test repeats), ``intersubject`` (other participants) or ``none``."""
+        about = self.responses.get("noise_ceiling", {})
+        return about.get("kind", "cc_max") if isinstance(about, dict) else "cc_max"
+
     def best_single_r(self, names: list[str]) -> np.ndarray:
         """Per voxel, the test r of the model (best layer) with the highest cross-validated training score.
 
@@ -106,4 +101,5 @@ class ParticipantResult:
         return np.take_along_axis(r, cv.argmax(0)[None], axis=0)[0]
 
 
-__all__ = ["LAYER_STATS", "BandedResult", "ModelResult", "ParticipantResult", "StackedResult"]
+__all__ = ["LAYER_STATS", "BandedResult", "ModelResult", "ParticipantResult", "StackedResult", "model_family",
+           "relative_depth"]

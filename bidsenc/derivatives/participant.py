@@ -1,10 +1,10 @@
 """One participant's derivatives: maps with sidecars, array files and tables; and reading them back.
 
-Everything goes into ``sub-<label>/func/``. It is first written to a hidden folder
-beside it, then swapped in by renames, so a reader finds the old outputs, the new
-ones or none, never a mixture or a half-written set. The last file written,
-``*_desc-models_summary.json``, lists every file and the bidsenc version: it is what
-the group level checks before using a participant.
+Everything goes into ``sub-<label>/[ses-<label>/]func/``. It is first written to a
+hidden folder beside it, then moved in by renames, the marker
+``*_desc-models_summary.json`` last: it lists every file and the bidsenc version, and
+is what the group level checks before using a participant, so a reader never takes a
+mixture or a half-written set for a complete one.
 
 Array files (``*_encoding.npz``, read with ``np.load(allow_pickle=False)``):
 
@@ -45,7 +45,7 @@ from .. import __version__
 from .._io import atomic_write_bytes, atomic_write_text
 from ..bids.bold import Space
 from ..results import LAYER_STATS, BandedResult, ModelResult, ParticipantResult, StackedResult
-from .naming import STAT_LABELS, model_labels, participant_prefix, with_hemi
+from .naming import STAT_LABELS, bids_label, model_labels, participant_prefix, with_hemi
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +143,7 @@ def _write_all(w: _Writer, result: ParticipantResult, cfg) -> None:
     if result.space.kind == "volume" and "_task-" in w.prefix:  # BIDS masks of func data need a task
         w.mask()
     if ceiling is not None:
-        kind = result.responses.get("noise_ceiling", {}).get("kind", "cc_max")
-        stat = "isc" if kind == "intersubject" else "ccmax"
+        stat = "isc" if result.ceiling_kind == "intersubject" else "ccmax"
         w.map("ceiling", stat, ceiling, {"Description": STAT_LABELS[stat], "Floor": cfg.models.ceiling_floor,
                                          "Ceiling": result.responses.get("noise_ceiling")})
     extra = cfg.outputs.map_layers
@@ -177,7 +176,7 @@ def _write_all(w: _Writer, result: ParticipantResult, cfg) -> None:
         w.map("stacked", "r", s.r, meta)
         w.map("stacked", "r2", s.r2, meta)
         for name, weights in zip(s.names, s.weights, strict=True):
-            w.map(f"stacked{w.labels[name][0].upper()}{w.labels[name][1:]}", "weight", weights,
+            w.map(bids_label(f"stacked-{w.labels[name]}"), "weight", weights,
                   {**meta, "Model": name})
     if result.banded is not None:
         b = result.banded
@@ -187,7 +186,7 @@ def _write_all(w: _Writer, result: ParticipantResult, cfg) -> None:
         w.map("banded", "r", b.r, meta)
         w.map("banded", "r2", b.r2, meta)
         for name, split in zip(b.names, b.r2_split, strict=True):
-            w.map(f"banded{w.labels[name][0].upper()}{w.labels[name][1:]}", "r2split", split, {**meta, "Model": name})
+            w.map(bids_label(f"banded-{w.labels[name]}"), "r2split", split, {**meta, "Model": name})
     w.table("models", result.summary)
     if not result.data_scaling.empty:
         w.table("datascaling", result.data_scaling)

@@ -19,7 +19,9 @@ from .ridge import pearson_r, r2_score
 
 
 @dataclass
-class BandedFit:
+class BandedResult:
+    """Several feature spaces fitted jointly by banded ridge, scored on the test rows."""
+
     names: list[str]
     r: np.ndarray            # [V] test Pearson r of the joint prediction
     r2: np.ndarray           # [V] test R^2
@@ -42,7 +44,7 @@ def _himalaya_backend(device: str):
 
 def banded_ridge(names, x_train: list[np.ndarray], y_train: np.ndarray, x_test: list[np.ndarray],
                  y_test: np.ndarray, folds, *, alphas=np.logspace(-2, 8, 21), n_iter: int = 50,
-                 device: str = "cpu", seed: int = 0) -> BandedFit:
+                 device: str = "cpu", seed: int = 0) -> BandedResult:
     """Fit one kernel per feature space jointly; score on the test rows.
 
     Parameters
@@ -78,9 +80,9 @@ def banded_ridge(names, x_train: list[np.ndarray], y_train: np.ndarray, x_test: 
         deltas = backend.to_numpy(model.deltas_)
     weights = np.exp(deltas - deltas.max(0, keepdims=True))
     weights /= weights.sum(0, keepdims=True)
-    return BandedFit(list(names), np.nan_to_num(pearson_r(prediction, y_test)),
+    return BandedResult(list(names), np.nan_to_num(pearson_r(prediction, y_test)),
                         np.nan_to_num(r2_score(y_test, prediction)), np.nan_to_num(split_r2).astype(np.float32),
                         weights.astype(np.float32))
 
 
-__all__ = ["BandedFit", "banded_ridge"]
+__all__ = ["BandedResult", "banded_ridge"]

@@ -7,7 +7,7 @@ Arrays in, arrays out. :func:`evaluate_layer` fits one feature space's layer;
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -100,11 +100,13 @@ def significance(prediction, response, *, n_permutations=1000, q=0.05, seed=0) -
 
 
 @dataclass
-class StackResult:
-    weights: np.ndarray          # [J, V]
-    test_r: np.ndarray
-    test_r2: np.ndarray
-    names: list[str] = field(default_factory=list)
+class StackedResult:
+    """Convex per-voxel weights of several spaces' best layers, and the stacked test scores."""
+
+    names: list[str]
+    weights: np.ndarray          # [n_spaces, V]
+    r: np.ndarray                # [V]
+    r2: np.ndarray               # [V]
 
 
 def out_of_fold_predictions(x_train, y_train, folds, alphas, *, device="cpu", mem_gb=None) -> np.ndarray:
@@ -115,9 +117,10 @@ def out_of_fold_predictions(x_train, y_train, folds, alphas, *, device="cpu", me
     return out
 
 
-def stack_spaces(names, oof: list[np.ndarray], test_predictions: list[np.ndarray], y_train, y_test) -> StackResult:
+def stack_spaces(names, oof: list[np.ndarray], test_predictions: list[np.ndarray], y_train,
+                 y_test) -> StackedResult:
     """Convex per-voxel weights of the spaces' out-of-fold predictions, applied to their test predictions."""
     weights = stack_weights(np.stack(oof), y_train)
     pred = stacked_prediction(weights, np.stack(test_predictions))
-    return StackResult(np.asarray(weights, dtype=np.float32), np.nan_to_num(pearson_r(pred, y_test)),
-                       np.nan_to_num(r2_score(y_test, pred)), list(names))
+    return StackedResult(list(names), np.asarray(weights, dtype=np.float32), np.nan_to_num(pearson_r(pred, y_test)),
+                         np.nan_to_num(r2_score(y_test, pred)))

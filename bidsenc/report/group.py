@@ -23,6 +23,7 @@ import pandas as pd
 
 from .._io import atomic_write_bytes, atomic_write_text
 from ..errors import DataError, MissingInputError
+from ..results import relative_depth
 from . import figures as fig
 from .html import esc, figures, page, para, table
 from .scaling import loglinear_fit, scaling_fits
@@ -158,7 +159,7 @@ def group_tables(results, atlas: Atlas | None, threshold: float) -> dict[str, pd
                 region_rows.append({
                     "participant": r.participant, "model": m.name, "family": m.family, "kind": m.description.get(
                         "kind"), "n_parameters": m.n_parameters, "layer": m.best_layer,
-                    "relative_depth": m.best_layer / max(m.description.get("n_layers") or 1, 1), "region": name,
+                    "relative_depth": float(relative_depth(m.best_layer, m.description)), "region": name,
                     "n_voxels": int(inside.sum()), "n_voxels_ceiling": int(good.sum()),
                     "mean_r": float(score[inside].mean()),
                     "mean_r_ceiling": float(score[good].mean()) if good.any() else np.nan,

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .._io import atomic_write_text
+from ..results import relative_depth
 from . import figures as fig
 from .html import esc, page, para, table
 from .html import figures as _figs
@@ -104,12 +105,11 @@ def _result_sections(result) -> list[tuple[str, str, str]]:
         out.append(("maps", "Maps", para("The data have no geometry to draw (voxel order of the source files "
                                          "only); the maps are in the .npy files.", "note")))
 
-    curves = {m.name: (m.layers / max(m.description.get("n_layers") or len(m.layers) - 1, 1),
-                       m.stats[:, :, 0].mean(1)) for m in result.models if len(m.layers) > 1}
-    cv = {m.name: (m.layers / max(m.description.get("n_layers") or len(m.layers) - 1, 1),
-                   m.stats[:, :, 4].mean(1)) for m in result.models if len(m.layers) > 1}
-    marks = {m.name: (m.best_layer / max(m.description.get("n_layers") or len(m.layers) - 1, 1),
-                      float(m.stat("r").mean())) for m in result.models}
+    depth = {m.name: relative_depth(m.layers, m.description) for m in result.models}
+    curves = {m.name: (depth[m.name], m.stats[:, :, 0].mean(1)) for m in result.models if len(m.layers) > 1}
+    cv = {m.name: (depth[m.name], m.stats[:, :, 4].mean(1)) for m in result.models if len(m.layers) > 1}
+    marks = {m.name: (float(relative_depth(m.best_layer, m.description)), float(m.stat("r").mean()))
+             for m in result.models}
     cv_marks = {m.name: (marks[m.name][0], float(m.stat("cv_score").mean())) for m in result.models}
     if curves:
         out.append(("layers", "Layers", _figs(
@@ -118,14 +118,14 @@ def _result_sections(result) -> list[tuple[str, str, str]]:
                       marks=cv_marks))))
 
     if ceiling is not None:
-        about = info.get("noise_ceiling", {})
-        name = "inter-subject ceiling" if isinstance(about, dict) and about.get("kind") == "intersubject" else "CC_max"
+        intersubject = result.ceiling_kind == "intersubject"
+        name = "inter-subject ceiling" if intersubject else "CC_max"
         parts = [fig.histogram({name: ceiling}, "noise ceiling", name),
                  fig.brain_map(space, result.full(ceiling), f"noise ceiling ({name})", vmax=1.0)]
         if top is not None:
             parts.append(fig.scatter(ceiling, top.stat("r"), f"{top.name}: test r against the ceiling", name,
                                      "test r", diagonal=True))
-        what = (about.get("description", "") if isinstance(about, dict) and about.get("kind") == "intersubject"
+        what = (info["noise_ceiling"].get("description", "") if intersubject
                 else f"CC_max from {info.get('n_test_repeats')} repeats of the test stories")
         out.append(("ceiling", "Noise ceiling", para(
             f"{what}; median {np.median(ceiling):.3f}, {(ceiling >= threshold).mean():.0%} of voxels at or above "
