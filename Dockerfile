@@ -13,13 +13,26 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 
-# The PyPI torch wheel is built with CUDA 13 (NVIDIA driver 580 or newer on the host); for older
-# drivers build with e.g. --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
+# man bidsenc: slim images carry no man reader (and drop Debian's pages, not ours in /usr/local).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends man-db=2.11.2-2 \
+    && rm -rf /var/lib/apt/lists/*
+
+# Every package at the exact version of requirements/lock.txt, so that an image built today and one
+# built next year hold the same software. The PyPI torch wheel is built with CUDA 13 (NVIDIA driver
+# 580 or newer on the host); for older drivers build with e.g.
+# --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 (the same torch version, another CUDA).
 ARG TORCH_INDEX_URL=""
 COPY pyproject.toml README.md /src/
+COPY requirements/lock.txt /src/requirements/lock.txt
 COPY bidsenc /src/bidsenc
-RUN if [ -n "$TORCH_INDEX_URL" ]; then pip install "torch==2.11.*" "torchaudio==2.11.*" --index-url "$TORCH_INDEX_URL"; fi \
-    && pip install /src && rm -rf /src
+COPY docs/bidsenc.1 /usr/local/share/man/man1/bidsenc.1
+RUN if [ -n "$TORCH_INDEX_URL" ]; then \
+        pip install -c /src/requirements/lock.txt torch --index-url "$TORCH_INDEX_URL"; \
+    fi \
+    && pip install -c /src/requirements/lock.txt /src \
+    && rm -rf /src \
+    && mandb -q
 
 # The default run's models, baked in as plain folders that bidsenc finds by hub id
 # (BIDSENC_MODEL_DIR/<org>/<name>) without any hub access.

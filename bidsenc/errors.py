@@ -71,3 +71,51 @@ class TemporaryFailure(BidsencError):
     """A transient failure (e.g. GPU busy); a rerun may succeed."""
 
     exit_code = 75
+
+
+class BrokenPackageError(BidsencError):
+    """An installed package fails to import: the installation, not bidsenc or the data, is at fault."""
+
+    exit_code = 1
+
+
+def broken_package(exc: BaseException) -> BrokenPackageError | None:
+    """What to tell the user when ``exc`` was raised while importing an installed package, else None.
+
+    A package that cannot be imported (a missing one, or one whose compiled library does not load,
+    such as a torchaudio built for another torch) shows up deep inside some later step; the user
+    needs its name and what to do, not the traceback. The package is the innermost one whose
+    module-level code (``<module>``: code that runs on import) is on the traceback, or the module
+    a ModuleNotFoundError names.
+    """
+    import traceback
+
+    package = None
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        parts = frame.filename.replace("\\", "/").split("/")
+        marker = next((m for m in ("site-packages", "dist-packages") if m in parts[:-1]), None)
+        if frame.name == "<module>" and marker:
+            package = parts[parts.index(marker) + 1].removesuffix(".py")
+            break
+    if package in (None, "bidsenc") and isinstance(exc, ModuleNotFoundError) and exc.name:
+        package = exc.name.split(".")[0]
+    if package in (None, "bidsenc"):
+        return None
+    distribution = _distribution_of(package)
+    reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+    if len(reason) > 300:
+        reason = reason[:297] + "..."
+    if isinstance(exc, ModuleNotFoundError) and exc.name and exc.name.split(".")[0] == package:
+        advice = f"install it (pip install {distribution}), or reinstall bidsenc with its dependencies"
+    else:
+        advice = (f"reinstall it (pip install --force-reinstall {distribution}); if bidsenc does not need it, "
+                  f"uninstall it (pip uninstall {distribution}); the versions bidsenc was tested with are "
+                  "in requirements/lock.txt")
+    return BrokenPackageError(f"the installed package {distribution} fails to import ({reason}): {advice}")
+
+
+def _distribution_of(module: str) -> str:
+    from importlib.metadata import packages_distributions
+
+    names = packages_distributions().get(module) or [module]
+    return names[0]

@@ -32,6 +32,7 @@ def participant(cfg: RunConfig, dataset: Dataset, label: str, logs_dir: Path, ru
         write_dataset_files(out, cfg.inputs.bids_dir, cfg.inputs.derivatives)
         experiment = _discover_and_record(cfg, dataset, label, logs_dir)
         spaces = extract_features(cfg, experiment.stories, device)
+        _warn_sparse_audio_windows(spaces, experiment)
         _record_features(run_dir / f"features-sub-{label}.json", spaces)
         result = fit_participant(cfg, experiment, spaces, device, _peers(cfg, dataset, experiment))
         write_participant(result, experiment, cfg)
@@ -48,6 +49,19 @@ def participant(cfg: RunConfig, dataset: Dataset, label: str, logs_dir: Path, ru
         logging.getLogger("bidsenc").removeHandler(warnings)
         if cfg.outputs.reports:
             _participant_report(out, label, experiment, warnings.messages, error)
+
+
+def _warn_sparse_audio_windows(spaces, experiment) -> None:
+    """Audio windows sparser than half a TR alias what the Lanczos filter (cutoff 1/TR) keeps."""
+    from .features import AUDIO_STEP
+
+    shortest_tr = min(run.tr for run in experiment.runs)
+    for space in spaces:
+        step = float(space.spec.options.get("step", AUDIO_STEP)) if space.spec.kind == "audio" else 0.0
+        if step >= shortest_tr / 2:
+            log.warning("%s: audio windows every %g s are too sparse for a TR of %g s (aliasing); use a step "
+                        "below %g s, e.g. the reference %g s", space.name, step, shortest_tr, shortest_tr / 2,
+                        AUDIO_STEP)
 
 
 def _peers(cfg: RunConfig, dataset: Dataset, experiment) -> list:

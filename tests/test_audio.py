@@ -38,6 +38,20 @@ def test_jfk_resampled(rate):
     assert 0.05 < np.abs(samples).max() <= 1.0
 
 
+def test_resampling_removes_what_the_new_rate_cannot_hold(tmp_path):
+    """At 16 kHz a 9 kHz tone must vanish, not fold back to 7 kHz; a 3 kHz tone passes intact."""
+    t = np.arange(2 * 44100) / 44100
+    level = {}
+    for freq in (3000, 9000):
+        path = tmp_path / f"tone{freq}.wav"
+        sf.write(path, 0.5 * np.sin(2 * np.pi * freq * t), 44100, subtype="FLOAT")
+        samples, rate = load_audio(path)
+        assert rate == 16000 and abs(len(samples) - 32000) <= 1
+        level[freq] = np.sqrt(np.mean(samples[4000:-4000] ** 2))  # rms away from the edges
+    assert level[3000] == pytest.approx(0.5 / np.sqrt(2), rel=1e-3)
+    assert level[9000] < 1e-4 * level[3000]
+
+
 def test_mono_mixing(tmp_path):
     t = np.arange(16000) / 16000
     left, right = 0.5 * np.sin(2 * np.pi * 440 * t), 0.25 * np.cos(2 * np.pi * 220 * t)

@@ -31,6 +31,51 @@ def test_descriptor_is_generated_from_the_parser():
     assert on_disk["tool-version"] == __version__ and on_disk["container-image"]["image"].endswith(__version__)
 
 
+def test_man_page_is_generated_from_the_parser_and_installed_in_the_image():
+    from bidsenc.cli.manpage import build_manpage
+
+    on_disk = (ROOT / "docs" / "bidsenc.1").read_text()
+    assert on_disk == build_manpage(), "run: python -m bidsenc.cli.manpage > docs/bidsenc.1"
+    # every option and every documented exit code is on the page
+    for action in build_parser()._actions:
+        for flag in action.option_strings:
+            assert flag.replace("-", "\\-") in on_disk, flag
+    for code in (0, 1, 16, 17, 18, 64, 65, 66, 73, 74, 75):
+        assert f".B {code}\n" in on_disk
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "COPY docs/bidsenc.1 /usr/local/share/man/man1/bidsenc.1" in dockerfile and "man-db" in dockerfile
+
+
+def test_man_page_renders_without_roff_warnings():
+    groff = shutil.which("groff")
+    if groff is None:
+        pytest.fail("groff is missing (Debian package groff-base) to check the man page")
+    proc = subprocess.run([groff, "-man", "-ww", "-z", str(ROOT / "docs" / "bidsenc.1")], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
+def test_image_installs_the_locked_versions():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "pip install -c /src/requirements/lock.txt /src" in dockerfile
+    lock = (ROOT / "requirements" / "lock.txt").read_text()
+    pins = dict(line.split("#")[0].strip().split("==") for line in lock.splitlines()
+                if line.strip() and not line.startswith("#"))
+    assert "torchaudio" not in pins  # unmaintained, and broke installs: bidsenc does not need it
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = project["dependencies"] + [d for extra in project["optional-dependencies"].values() for d in extra]
+    names = {re.split(r"[<>=!~ \[]", d, maxsplit=1)[0].lower() for d in wanted}
+    assert names <= set(pins), f"not in the lock: {sorted(names - set(pins))}; run requirements/update-lock.sh"
+    from packaging.requirements import Requirement
+
+    for dependency in wanted:
+        requirement = Requirement(dependency)
+        assert requirement.specifier.contains(pins[requirement.name.lower()]), (
+            f"the lock's {requirement.name} {pins[requirement.name.lower()]} is outside {requirement.specifier}")
+
+
 def test_descriptor_validates_and_its_command_line_parses(tmp_path):
     from boutiques import bosh
 

@@ -24,6 +24,9 @@ def test_demo_command(tmp_path):
     assert sum(m["kind"] == "lm" for m in models) == 3
     config = (root / "bidsenc.toml").read_text()
     assert all(str(root / "models" / m["path"]) in config for m in models)
+    assert "step = 0.5" in config  # the demo's Whisper windows (docs/benchmarks.md: effect of the step)
+    features = json.loads(next((root / "out" / "logs").glob("*/features-sub-01.json")).read_text())
+    assert [f["options"].get("step") for f in features if f["kind"] == "audio"] == [0.5]
     # the demo ends with valid derivatives, a report per participant and the group scaling report
     out = root / "out"
     assert "group.html" in proc.stdout

@@ -116,3 +116,28 @@ def test_hub_ids_are_found_in_the_model_dir(demo, demo_models, tmp_path, monkeyp
     direct = extract([type(cfg.features[0]).parse(f"lm:{lm}:layers=last:min_context=64")], stories,
                      FeatureStore(tmp_path / "cache2"))[0]
     np.testing.assert_array_equal(direct.load("festival_audio").layers[2], space.load("festival_audio").layers[2])
+
+
+def test_audio_window_step_option(tmp_path, caplog):
+    """``step`` sets the audio windows' hop; it changes the cache key, and the run warns at or above TR / 2."""
+    import logging
+    from types import SimpleNamespace
+
+    from bidsenc.config import FeatureSpec
+    from bidsenc.features import _extraction_params, _options
+    from bidsenc.workflow import _warn_sparse_audio_windows
+
+    assert _extraction_params(FeatureSpec("audio", "m"), {}) == {"window_s": 16.1, "step_s": 0.1, "dtype": "auto"}
+    assert _options(FeatureSpec.parse("audio:m:step=0.5")) == {"step": 0.5}
+    assert _extraction_params(FeatureSpec("audio", "m"), {"step": 0.5})["window_s"] == 16.5
+    for bad, message in (("0", "must be a positive number"), ("abc", "expected a number"),
+                         ("0.123", "multiple of 0.01 s"), ("5", "between 0.01 and 2 s")):
+        with pytest.raises(UsageError, match=message):
+            _options(FeatureSpec.parse(f"audio:m:step={bad}"))
+    runs = [SimpleNamespace(tr=2.0), SimpleNamespace(tr=1.5)]
+    spaces = [SimpleNamespace(name=f"audio-{step}", spec=FeatureSpec("audio", "m", {"step": step}))
+              for step in (0.5, 0.75)]
+    with caplog.at_level(logging.WARNING, logger="bidsenc"):
+        _warn_sparse_audio_windows(spaces, SimpleNamespace(runs=runs))
+    assert "audio-0.75: audio windows every 0.75 s are too sparse for a TR of 1.5 s" in caplog.text
+    assert "audio-0.5:" not in caplog.text

@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         make_demo(directory, seed=args.seed)
         print(f"bidsenc-demo: dataset, ground truth and tiny models written in {time.perf_counter() - t0:.0f} s")
     truth = json.loads(truth_path.read_text())
+    print("bidsenc-demo: participant level: features of 5 models (cached for the second participant), "
+          "encoding models, maps and reports ...", flush=True)
+    t0 = time.perf_counter()
     code = bidsenc_main([str(directory / "ds"), str(directory / "out"), "participant",
                          "--config-file", str(directory / "bidsenc.toml")])
     if code != 0:
@@ -89,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     n_runs = sum(len(s["runs"]) for s in truth["subjects"].values())
     print(f"bidsenc-demo: discovery of {len(truth['subjects'])} participants, {n_runs} story runs and "
           f"{len(truth['stories'])} stories " + ("matches truth.json" if not problems else "DIFFERS from truth.json"))
+    print(f"bidsenc-demo: participant level done in {time.perf_counter() - t0:.0f} s")
     print_scores(directory / "out", truth)
+    print("bidsenc-demo: group level: scaling report ...", flush=True)
     code = bidsenc_main([str(directory / "ds"), str(directory / "out"), "group",
                          "--config-file", str(directory / "bidsenc.toml")])
     if code != 0:
@@ -100,7 +105,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry_point() -> None:
-    sys.exit(main())
+    try:
+        code = main()
+    except Exception as err:  # bidsenc's own errors end inside main; this is the demo's own set-up
+        from ..errors import broken_package
+
+        broken = broken_package(err)
+        if broken is None:
+            raise
+        print(f"bidsenc-demo: error: {broken.message}", file=sys.stderr)
+        code = broken.exit_code
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pathlib import Path
 from .. import __version__
 from .._io import atomic_write_text
 from ..config import FeatureSpec, RunConfig, build_config, parse_key_path
-from ..errors import BidsencError, IOFailure, OutputError, UsageError
+from ..errors import BidsencError, IOFailure, OutputError, UsageError, broken_package
 from .parser import build_parser
 
 log = logging.getLogger("bidsenc")
@@ -55,12 +55,14 @@ def main(argv: list[str] | None = None) -> int:
         if err.errno in _IO_ERRNOS:
             return _fail(IOFailure(f"I/O error on {err.filename or 'a file'}: {err.strerror}; "
                                    "check free space and quotas, then rerun"))
-        return _crash(logs_dir)
+        broken = broken_package(err)  # e.g. a compiled library that does not load
+        return _fail(broken) if broken else _crash(logs_dir)
     except KeyboardInterrupt:
         print("bidsenc: interrupted", file=sys.stderr)
         return 130
-    except Exception:
-        return _crash(logs_dir)
+    except Exception as err:
+        broken = broken_package(err)
+        return _fail(broken) if broken else _crash(logs_dir)
 
 
 def _terminate(signum, frame):
@@ -198,3 +200,7 @@ def _crash(logs_dir: Path | None) -> int:
 
 def entry_point() -> None:
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()

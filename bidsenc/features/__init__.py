@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from ..bids.experiment import Story
 from ..config import FeatureSpec
 from ..errors import MissingInputError, UsageError
+from .audio import CONTEXT as AUDIO_CONTEXT, STEP as AUDIO_STEP
 from .cache import FeatureStore, Request, StoredFeatures
 from .hub import from_pretrained, model_fingerprint, parse_layers, slug
 
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 
 _LM_OPTIONS = {"layers": str, "dtype": str, "context": str, "min_context": int, "max_tokens": int,
                "max_words": int, "batch_tokens": int, "lowercase": bool, "revision": str, "device_map": str, "family": str}
-_AUDIO_OPTIONS = {"layers": str, "dtype": str, "batch_size": int, "revision": str, "family": str}
+_AUDIO_OPTIONS = {"layers": str, "dtype": str, "batch_size": int, "step": float, "revision": str, "family": str}
 
 
 @dataclass
@@ -163,8 +164,8 @@ def _compute_audio(spec, options, stories: list[Story], todo: list[Request], lay
     described.update(info)
     for req, story in zip(todo, stories, strict=True):
         audio, _ = load_audio(story.audio)
-        times, feats = extract_audio_features(model, audio, layers=layers,
-                                              batch_size=options.get("batch_size"), progress=progress)
+        times, feats = extract_audio_features(model, audio, layers=layers, batch_size=options.get("batch_size"),
+                                              step=options.get("step", AUDIO_STEP), progress=progress)
         yield req, times, feats, {"model": info, "params": _extraction_params(spec, options), "unit": "window",
                                   "time": "window end, s from the audio's start"}
 
@@ -181,6 +182,11 @@ def _options(spec: FeatureSpec) -> dict:
             raise UsageError(f"feature {spec.kind}:{spec.model}: unknown option {key!r}; "
                              f"known: {', '.join(sorted(known))}")
         out[key] = _convert(value, known[key], f"{spec.kind}:{spec.model} {key}")
+    if spec.kind == "audio" and "step" in out:
+        step = out["step"]
+        if not 0.01 <= step <= 2.0 or abs(step * 100 - round(step * 100)) > 1e-9:
+            raise UsageError(f"feature {spec.kind}:{spec.model} step={step}: the window step must be a multiple "
+                             f"of 0.01 s between 0.01 and 2 s (the reference is {AUDIO_STEP})")
     if out.get("context", "efficient") not in ("efficient", "reference"):
         raise UsageError(f"feature {spec.kind}:{spec.model}: context must be efficient or reference")
     return out
@@ -195,6 +201,14 @@ def _convert(value, kind, where: str):
         if str(value).lower() in ("0", "false", "no"):
             return False
         raise UsageError(f"{where}: expected true or false, got {value!r}")
+    if kind is float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise UsageError(f"{where}: expected a number, got {value!r}") from None
+        if not number > 0 or number == float("inf"):
+            raise UsageError(f"{where}: must be a positive number, got {value!r}")
+        return number
     if kind is int:
         try:
             number = int(value)
@@ -213,7 +227,8 @@ def _extraction_params(spec: FeatureSpec, options: dict) -> dict:
                 "max_tokens": options.get("max_tokens"), "max_words": options.get("max_words"),
                 "lowercase": options.get("lowercase", True), "dtype": options.get("dtype", "auto"),
                 "non_words_dropped": True}
-    return {"window_s": 16.1, "step_s": 0.1, "dtype": options.get("dtype", "auto")}
+    step = options.get("step", AUDIO_STEP)
+    return {"window_s": round(AUDIO_CONTEXT + step, 6), "step_s": step, "dtype": options.get("dtype", "auto")}
 
 
 def _hash(*parts) -> str:
@@ -232,4 +247,4 @@ def _n_layers(config, kind: str) -> int:
     return int(config.get_text_config().num_hidden_layers)
 
 
-__all__ = ["FeatureSpace", "extract"]
+__all__ = ["AUDIO_STEP", "FeatureSpace", "extract"]
