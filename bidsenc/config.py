@@ -21,8 +21,10 @@ from .errors import UsageError
 
 ANALYSIS_LEVELS = ("participant", "group")
 DEVICES = ("auto", "cpu", "cuda")
-FEATURE_KINDS = ("lm", "audio")
+FEATURE_KINDS = ("lm", "audio", "lowlevel")
 DEFAULT_FEATURES = ("lm:facebook/opt-125m", "audio:openai/whisper-tiny")
+#: The field's high-pass convention (SPM, FSL, fMRIPrep's cosine regressors): a 128 s period.
+DEFAULT_HIGH_PASS = 1 / 128
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,9 @@ class InputConfig:
     space: str | None = None
     stimuli_dir: Path | None = None
     word_timings: dict = field(default_factory=dict)
+    #: A NIfTI mask on the BOLD grid choosing the voxels to fit (default: the runs' own brain mask,
+    #: else one computed from the EPI, else every finite voxel of a small image).
+    mask: Path | None = None
     skip_bids_validation: bool = False
 
 
@@ -128,9 +133,16 @@ class ModelConfig:
     #: Significance by circular shifts of the prediction against the test response.
     n_permutations: int = 1000
     fdr_q: float = 0.05
+    #: Misaligned-stimulus null: each model's best layer refitted this many times on features
+    #: circularly shifted per story (0 turns it off).
+    null_draws: int = 5
     #: Response cleaning: "auto" (detrend fMRIPrep and raw data; not ds003020's cleaned files),
     #: "detrend" or "none".
     clean: str = "auto"
+    #: Cosine high-pass cutoff in Hz, applied per run to the responses and the delayed features
+    #: alike; None: :data:`DEFAULT_HIGH_PASS` where the responses are cleaned here (raw and fMRIPrep
+    #: inputs) under the default preset, none for ds003020's cleaned files and the reference preset;
+    #: 0: none.
     high_pass: float | None = None
     #: fMRIPrep confounds regressed out of each run, by column name or shell pattern
     #: (e.g. "trans_?", "rot_?", "a_comp_cor_0[0-4]"; "trans_*" adds derivatives and squares); none by default.
@@ -177,12 +189,17 @@ class RunConfig:
     features: tuple[FeatureSpec, ...] = tuple(FeatureSpec.parse(s) for s in DEFAULT_FEATURES)
 
     @property
+    def default_features(self) -> bool:
+        """Whether the feature spaces are bidsenc's defaults (none was asked for)."""
+        return self.features == tuple(FeatureSpec.parse(s) for s in DEFAULT_FEATURES)
+
+    @property
     def needs_words(self) -> bool:
-        return any(f.kind == "lm" for f in self.features)
+        return any(f.kind == "lm" or (f.kind == "lowlevel" and f.model != "envelope") for f in self.features)
 
     @property
     def needs_audio(self) -> bool:
-        return any(f.kind == "audio" for f in self.features)
+        return any(f.kind == "audio" or (f.kind == "lowlevel" and f.model == "envelope") for f in self.features)
 
     @property
     def feature_cache(self) -> Path:
@@ -203,7 +220,7 @@ class RunConfig:
 # --------------------------------------------------------------------------- building
 
 _SECTIONS = ("inputs", "execution", "models", "outputs")
-_PATH_KEYS = {"bids_dir", "output_dir", "stimuli_dir", "work_dir", "feature_cache", "bids_database_dir",
+_PATH_KEYS = {"bids_dir", "output_dir", "stimuli_dir", "mask", "work_dir", "feature_cache", "bids_database_dir",
               "atlas_labels", "model_dir"}
 
 
@@ -355,6 +372,8 @@ def _validate(cfg: RunConfig) -> None:
         )
     if exe.work_dir.resolve().is_relative_to(bids):
         raise UsageError(f"work dir {exe.work_dir} is inside bids_dir; put it outside the dataset")
+    if inp.mask is not None and not inp.mask.is_file():
+        raise UsageError(f"--mask {inp.mask} does not exist or is not a file")
     if inp.stimuli_dir is not None and not inp.stimuli_dir.is_dir():
         raise UsageError(f"--stimuli-dir {inp.stimuli_dir} does not exist or is not a folder")
     for name, path in inp.derivatives.items():
@@ -369,8 +388,13 @@ def _validate(cfg: RunConfig) -> None:
         raise UsageError(f"alphas {m.alphas!r}: choose default or reference")
     if m.clean not in ("auto", "detrend", "none"):
         raise UsageError(f"clean {m.clean!r}: choose auto, detrend or none")
+    if m.high_pass is not None and (isinstance(m.high_pass, bool) or not isinstance(m.high_pass, int | float)
+                                    or not 0 <= m.high_pass < 0.1):
+        raise UsageError(f"high_pass {m.high_pass!r}: a cutoff in Hz from 0 (none) to below 0.1, e.g. 1/128 = 0.0078")
     if not isinstance(m.n_folds, int) or m.n_folds < 2:
         raise UsageError(f"n_folds must be an integer of at least 2, got {m.n_folds!r}")
+    if isinstance(m.null_draws, bool) or not isinstance(m.null_draws, int) or not 0 <= m.null_draws <= 1000:
+        raise UsageError(f"null_draws must be a whole number from 0 (off) to 1000, got {m.null_draws!r}")
     if not isinstance(m.data_scaling_seeds, int) or m.data_scaling_seeds < 0:
         raise UsageError(f"data_scaling_seeds must be a whole number, got {m.data_scaling_seeds!r}")
     o = cfg.outputs

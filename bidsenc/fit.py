@@ -17,9 +17,9 @@ from .align import AlignSettings, kept_rows
 from .align.design import clean_run, features_for, split_responses
 from .bids.bold import NATIVE_SPACES, find_regions, load_confounds, load_responses
 from .bids.experiment import Experiment
-from .config import RunConfig
-from .errors import DataError, MissingInputError
-from .models.cv import bootstrap_chunks, leave_stories_out
+from .config import DEFAULT_HIGH_PASS, RunConfig
+from .errors import DataError, MissingInputError, UsageError
+from .models.cv import bootstrap_chunks, buffer_rows, leave_stories_out
 from .models.encoding import (
     alpha_grid,
     evaluate_layer,
@@ -27,6 +27,7 @@ from .models.encoding import (
     noise_ceiling,
     out_of_fold_predictions,
     select_best_layer,
+    shuffled_null,
     significance,
     stack_spaces,
 )
@@ -37,6 +38,11 @@ from .results import BandedResult, ModelResult, ParticipantResult, model_family,
 log = logging.getLogger(__name__)
 
 
+#: Below this many voxels a fit runs on one CPU thread: BLAS's and torch's thread pools spin and
+#: stall on such small problems when the machine is busy (minutes instead of seconds).
+SMALL_PROBLEM_VOXELS = 2000
+
+
 def fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, device: str,
                     peers: list[Experiment] = ()) -> ParticipantResult:
     """Fit every feature space and layer for one participant; score, stack and scale them.
@@ -44,9 +50,39 @@ def fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, device
     ``peers`` are other participants' experiments: without test repeats, those who heard
     the same runs in the same template space give an inter-subject ceiling.
     """
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    threads = torch.get_num_threads()
+    small = str(device).startswith("cpu") and _n_voxels(experiment) < SMALL_PROBLEM_VOXELS
+    if not small:
+        return _fit_participant(cfg, experiment, spaces, device, peers)
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1):
+            return _fit_participant(cfg, experiment, spaces, device, peers)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _n_voxels(experiment: Experiment) -> int:
+    """Voxels per volume of the first run, read from its header (an upper bound on those fitted)."""
+    run = experiment.runs[0]
+    if run.bold.kind != "nifti":
+        return SMALL_PROBLEM_VOXELS  # surfaces and ds003020 responses are large
+    import nibabel as nib
+
+    try:
+        return int(np.prod(nib.load(run.bold.paths[0]).shape[:3]))
+    except Exception:  # unreadable files are reported where the responses are loaded
+        return SMALL_PROBLEM_VOXELS
+
+
+def _fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, device: str,
+                     peers) -> ParticipantResult:
     m = cfg.models
     reference = m.preset == "reference"
-    settings = AlignSettings(preset=m.preset, lanczos_normalize=m.lanczos_normalize)
+    settings = align_settings(m, experiment)
     t0 = time.perf_counter()
     seed = cfg.execution.random_seed
     label = experiment.participant
@@ -56,11 +92,9 @@ def fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, device
         log.warning("sub-%s: no story was heard twice and none was named with --test-stories: scores come from "
                     "an outer leave-stories-out loop (contiguous blocks for a single story), and there is no "
                     "repeat-based noise ceiling", label)
-    responses, space = load_responses(experiment.runs)
-    detrend = m.clean == "detrend" or (m.clean == "auto" and experiment.runs[0].bold.kind != "hdf5")
+    responses, space = load_responses(experiment.runs, cfg.inputs.mask)
     confounds = [load_confounds(run, m.confounds) for run in experiment.runs] if m.confounds else None
-    resp = split_responses(experiment.runs, responses, test_stories, settings, detrend=detrend,
-                           high_pass=m.high_pass, confounds=confounds)
+    resp = split_responses(experiment.runs, responses, test_stories, settings, confounds=confounds)
     if resp.test is None and not outer:
         raise DataError(f"sub-{label}: none of the test stories {test_stories} was heard")
     if not resp.valid.any():
@@ -68,7 +102,12 @@ def fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, device
                         f"of its {len(experiment.runs)} runs; check its BOLD files (e.g. with nilearn's "
                         "plotting.plot_epi)")
     ceiling = None if outer else noise_ceiling(resp.test_repeats, floor=0.25 if reference else m.ceiling_floor)
-    folds = _folds(resp.train_groups, reference, m.n_folds, seed)
+    tr = experiment.runs[0].tr
+    gap = buffer_rows(tr, max(settings.delay_trs(tr)) * tr)
+    # scores without a test story always come from buffered blocks or whole stories, also under the
+    # reference preset (its overlapping bootstrap chunks would score rows more than once)
+    folds = leave_stories_out(resp.train_groups, m.n_folds, seed, gap) if outer else \
+        _folds(resp.train_groups, reference, m.n_folds, seed, gap)
     alphas = alpha_grid("reference" if reference else m.alphas)
     valid = resp.valid
     y_train = resp.train[:, valid]
@@ -76,7 +115,7 @@ def fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, device
     ceil_v = ceiling[valid].astype(np.float32) if ceiling is not None else None
     ceiling_info = {"kind": "cc_max", "description": "CC_max (Schoppe et al. 2016) from the test repeats"}
     if outer:
-        ceil_v, ceiling_info = _intersubject_ceiling(experiment, list(peers), resp, space, settings, detrend, m)
+        ceil_v, ceiling_info = _intersubject_ceiling(experiment, list(peers), resp, space, settings, m)
     n_left_out = int((~valid).sum())
     if n_left_out:
         log.warning("sub-%s: %d voxels have constant or non-finite responses in some run and are left out "
@@ -102,7 +141,7 @@ def fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, device
             x_train, x_test = features_for(resp, _layer_features(fs, experiment.stories, layer), settings)
             if outer:
                 fit = evaluate_layer_outer(layer, x_train, y_train, resp.train_groups, folds, alphas,
-                                           n_inner=m.n_folds, seed=seed, device=device,
+                                           n_inner=m.n_folds, seed=seed, gap=gap, device=device,
                                            mem_gb=cfg.execution.mem_gb)
             else:
                 fit = evaluate_layer(layer, x_train, y_train, x_test, y_test, folds, alphas, device=device,
@@ -115,6 +154,12 @@ def fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, device
         for fit in fits:  # weights, when asked, are kept for the chosen layer only
             if fit is not chosen:
                 fit.weights = None
+        null = None
+        if m.null_draws:
+            null = _shuffled_null(fs.name, chosen, x_train, x_test, y_train, y_test, resp.train_groups, folds,
+                                  alphas, outer, gap, cfg, device)
+            layer_rows[fits.index(chosen)].update(null_mean_r=null.mean_r, null_r95=null.threshold,
+                                                  fraction_above_null=null.fraction_above)
         scored = _held_out(y_train, folds) if outer else y_test
         pvalues, discoveries = significance(chosen.predictions, scored, n_permutations=m.n_permutations,
                                             q=m.fdr_q, seed=seed)
@@ -122,7 +167,8 @@ def fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, device
         rows += layer_rows
         models.append(ModelResult(fs.name, fs.describe(), np.array(fs.layers),
                                   np.stack([f.stats(ceil_v) for f in fits]), chosen.layer,
-                                  pvalues.astype(np.float32), discoveries, chosen.weights))
+                                  pvalues.astype(np.float32), discoveries, chosen.weights,
+                                  None if null is None else null.r))
         log.info("%s: best layer %d (by cross-validated training score): mean test r %.3f, %d voxels "
                  "significant (FDR q=%.2f)", fs.name, chosen.layer, float(chosen.test_r.mean()),
                  int(discoveries.sum()), m.fdr_q)
@@ -137,7 +183,7 @@ def fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, device
             joint["x_test"].append(x_test)
         if will_scale:
             scaling_rows += _data_scaling(fs.name, chosen.layer, x_train, x_test, resp, y_train, y_test, alphas,
-                                          ceil_v, cfg, experiment.runs[0].tr, device)
+                                          ceil_v, cfg, tr, gap, device)
 
     stacked = banded = None
     if will_stack:
@@ -152,10 +198,10 @@ def fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, device
     info = {
         "space": space.kind, "space_name": space.name, "mask": space.mask_source, "n_voxels": space.n_voxels,
         "n_fitted": int(valid.sum()), "n_left_out": n_left_out,
-        "cleaning": _cleaning(detrend, m.high_pass, confounds, m.confounds),
+        "cleaning": _cleaning(settings, confounds, m.confounds), "high_pass_hz": settings.high_pass,
         "test_stories": test_stories, "n_test_repeats": 0 if outer else int(len(resp.test_repeats)),
         "n_test_volumes": 0 if outer else int(len(y_test)), "n_train_volumes": int(len(y_train)),
-        "scoring": "outer leave-stories-out cross-validation" if outer else "repeated test stories",
+        "scoring": _scoring(outer, resp, len(folds), gap, tr),
         "noise_ceiling": ceiling_info,
         "train_stories": resp.story_names, "preset": m.preset,
         "delays_trs": settings.delay_trs(experiment.runs[0].tr), "tr": experiment.runs[0].tr,
@@ -169,7 +215,34 @@ def fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, device
                              labels, names)
 
 
-def _intersubject_ceiling(experiment, peers, resp, space, settings, detrend, m):
+def _shuffled_null(name, chosen, x_train, x_test, y_train, y_test, groups, folds, alphas, outer, gap, cfg, device):
+    """The chosen layer refitted on features circularly shifted per story: what a misaligned stimulus scores."""
+    m = cfg.models
+    seed, mem = cfg.execution.random_seed, cfg.execution.mem_gb
+    if outer:
+        def refit(xs, _):
+            return evaluate_layer_outer(chosen.layer, xs, y_train, groups, folds, alphas, n_inner=m.n_folds,
+                                        seed=seed, gap=gap, device=device, mem_gb=mem).test_r
+    else:
+        def refit(xs, xt):
+            return fit_and_score(xs, y_train, xt, y_test, folds, alphas, device=device, mem_gb=mem)["test_r"]
+    t0 = time.perf_counter()
+    null = shuffled_null(refit, x_train, groups, None if outer else x_test, chosen.test_r, n_draws=m.null_draws,
+                         seed=seed)
+    real = float(chosen.test_r.mean())
+    log.info("%s layer %d, misaligned-stimulus null (%d draws, features circularly shifted per story): mean r "
+             "%.3f (real %.3f); %.0f%% of voxels above the null's 95th percentile r %.3f (%.0f s)",
+             name, chosen.layer, m.null_draws, null.mean_r, real,
+             100 * null.fraction_above, null.threshold, time.perf_counter() - t0)
+    if not null.clearly_above:
+        log.warning("%s layer %d scores are not clearly above a misaligned stimulus (mean r %.3f against %.3f with "
+                    "the features shifted in time; %.0f%% of voxels above the null's 95th percentile, 5%% expected "
+                    "by chance): do not read its maps as stimulus-driven", name, chosen.layer, real, null.mean_r,
+                    100 * null.fraction_above)
+    return null
+
+
+def _intersubject_ceiling(experiment, peers, resp, space, settings, m):
     """Per voxel, the correlation of this participant's training responses with other participants' mean.
 
     Only runs that other participants heard identically (same stories, onsets, volumes and
@@ -197,7 +270,7 @@ def _intersubject_ceiling(experiment, peers, resp, space, settings, detrend, m):
             continue
         for (i, run), y, conf in zip(pairs, ys, confounds, strict=True):
             rows = kept_rows(run, settings, test=False)
-            cleaned = clean_run(y, run, detrend=detrend, high_pass=m.high_pass, confounds=conf)
+            cleaned = clean_run(y, run, settings, conf)
             total[offsets[i]:offsets[i] + len(rows)] += cleaned[rows]
             count[offsets[i]:offsets[i] + len(rows)] += 1
         used.append(peer.participant)
@@ -223,30 +296,72 @@ def _timing(run):
             run.trimmed_start, run.trimmed_end)
 
 
-def _cleaning(detrend: bool, high_pass, confounds, patterns) -> str:
-    steps = ["detrended" if detrend else "", f"high-pass {high_pass} Hz" if high_pass else "",
+def align_settings(m, experiment: Experiment) -> AlignSettings:
+    """The run's alignment and temporal filtering, resolved for this participant's data.
+
+    Responses that bidsenc cleans itself (raw and fMRIPrep inputs) are detrended and, under
+    the default preset, high-passed at 1/128 Hz unless ``high_pass`` says otherwise;
+    ds003020's preprocessed files keep their authors' cleaning, and the reference preset
+    the paper's (no high-pass). An explicit ``high_pass`` applies to any input.
+    """
+    cleaned_here = m.clean == "detrend" or (m.clean == "auto" and experiment.runs[0].bold.kind != "hdf5")
+    high_pass = m.high_pass
+    if high_pass is None:
+        high_pass = DEFAULT_HIGH_PASS if cleaned_here and m.preset != "reference" else 0.0
+    shortest_tr = min(run.tr for run in experiment.runs)
+    if high_pass >= 0.5 / shortest_tr:
+        raise UsageError(f"high_pass {high_pass:g} Hz is above the Nyquist frequency of a TR of {shortest_tr:g} s; "
+                         "choose a cutoff such as 1/128")
+    if high_pass and m.preset == "reference":
+        log.info("reference preset with a high-pass of %g Hz: the responses are filtered, the features are "
+                 "not (the paper filtered neither)", high_pass)
+    return AlignSettings(preset=m.preset, lanczos_normalize=m.lanczos_normalize, detrend=cleaned_here,
+                         high_pass=float(high_pass))
+
+
+def _cleaning(settings: AlignSettings, confounds, patterns) -> str:
+    steps = ["linear detrend" if settings.detrend else "",
+             f"cosine high-pass at {settings.high_pass:.4g} Hz ({1 / settings.high_pass:.0f} s)"
+             if settings.high_pass else "",
              f"{confounds[0].shape[1]} fMRIPrep confounds regressed out ({', '.join(patterns)})" if confounds else ""]
     done = ", ".join(s for s in steps if s)
-    return (f"nilearn.signal.clean: {done}; z-scored per run" if done
-            else "as provided (already cleaned), z-scored per run")
+    if not done:
+        return "as provided (already cleaned), z-scored per run"
+    filtered = ""
+    if settings.detrend or settings.high_pass:
+        filtered = ("; the features are not filtered (the reference preset)" if settings.preset == "reference" else
+                    "; the delayed features of each run get the same detrend and high-pass")
+    return f"nilearn.signal.clean per run: {done}{filtered}; z-scored per run"
 
 
-def _folds(groups, reference: bool, n_folds: int, seed: int):
-    return bootstrap_chunks(len(groups), seed=seed) if reference else leave_stories_out(groups, n_folds, seed=seed)
+def _folds(groups, reference: bool, n_folds: int, seed: int, gap: int):
+    if reference:
+        return bootstrap_chunks(len(groups), seed=seed)
+    return leave_stories_out(groups, n_folds, seed=seed, gap=gap)
 
 
-def _subset_folds(groups, reference: bool, n_folds: int, seed: int):
+def _scoring(outer: bool, resp, n_folds: int, gap: int, tr: float) -> str:
+    """How the test scores were obtained, as the log and the sidecars say it."""
+    if not outer:
+        return "repeated test stories"
+    if len(resp.story_names) > 1:
+        return f"outer leave-stories-out cross-validation ({n_folds} folds over {len(resp.story_names)} stories)"
+    return (f"outer cross-validation over {n_folds} contiguous blocks of the single story, {gap} volumes "
+            f"({gap * tr:g} s) left out of training on each side of the held-out block")
+
+
+def _subset_folds(groups, reference: bool, n_folds: int, seed: int, gap: int):
     """Folds inside a data-scaling subset; a single short story gets as many blocks as it can hold."""
     for k in range(n_folds, 1, -1):
         try:
-            return _folds(groups, reference, k, seed)
+            return _folds(groups, reference, k, seed, gap)
         except DataError:
             if k == 2 or reference or len(np.unique(groups)) > 1:
                 raise
     raise AssertionError("unreachable")
 
 
-def _data_scaling(name, layer, x_train, x_test, resp, y_train, y_test, alphas, ceil_v, cfg, tr,
+def _data_scaling(name, layer, x_train, x_test, resp, y_train, y_test, alphas, ceil_v, cfg, tr, gap,
                   device) -> list[dict]:
     """Test scores of one model's best layer fitted on random subsets of 1, 2, 4, ... training stories.
 
@@ -268,7 +383,8 @@ def _data_scaling(name, layer, x_train, x_test, resp, y_train, y_test, alphas, c
             picked = np.sort(rng.choice(units, size=n, replace=False))
             rows_in = np.isin(resp.train_groups, picked)
             try:
-                folds = _subset_folds(resp.train_groups[rows_in], reference, m.n_folds, cfg.execution.random_seed)
+                folds = _subset_folds(resp.train_groups[rows_in], reference, m.n_folds, cfg.execution.random_seed,
+                                      gap)
             except DataError as err:
                 if repeat == 0:
                     log.info("data scaling, %s, %d of %d stories: skipped (%s)", name, n, n_units, err.message)

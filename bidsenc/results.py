@@ -40,6 +40,9 @@ class ModelResult:
     fdr: np.ndarray              # [V_fitted] bool, Benjamini-Hochberg discoveries
     #: Ridge weights of the best layer, [n_features x n_delays, V_fitted], only with --save-weights.
     weights: np.ndarray | None = None
+    #: Test r of the best layer refitted on misaligned features (circularly shifted per story),
+    #: [n_draws, V_fitted]; None when the null was not run.
+    null_r: np.ndarray | None = None
 
     def stat(self, name: str, layer: int | None = None) -> np.ndarray:
         """One statistic at ``layer`` (default: the best layer), over the fitted voxels."""

@@ -21,6 +21,7 @@ def participant(cfg: RunConfig, dataset: Dataset, label: str, logs_dir: Path, ru
     The dataset-level files and the report are written even when the participant fails,
     so the report says what was found and what went wrong.
     """
+    from .bids.bold import check_mask
     from .derivatives import write_dataset_files, write_participant
     from .fit import fit_participant
 
@@ -31,6 +32,9 @@ def participant(cfg: RunConfig, dataset: Dataset, label: str, logs_dir: Path, ru
     try:
         write_dataset_files(out, cfg.inputs.bids_dir, cfg.inputs.derivatives)
         experiment = _discover_and_record(cfg, dataset, label, logs_dir)
+        if cfg.inputs.mask is not None:  # before hours of features
+            check_mask(cfg.inputs.mask, experiment.runs)
+        _warn_stimulus_outside_scans(experiment)
         spaces = extract_features(cfg, experiment.stories, device)
         _warn_sparse_audio_windows(spaces, experiment)
         _record_features(run_dir / f"features-sub-{label}.json", spaces)
@@ -51,6 +55,24 @@ def participant(cfg: RunConfig, dataset: Dataset, label: str, logs_dir: Path, ru
             _participant_report(out, label, experiment, warnings.messages, error)
 
 
+def _warn_stimulus_outside_scans(experiment) -> None:
+    """A story whose words (or sound) go on after its run's last volume: a wrong onset, or a scan cut short."""
+    for run in experiment.runs:
+        scan_end = (run.trimmed_start + run.n_volumes + run.trimmed_end) * run.tr
+        for seg in run.segments:
+            story = experiment.stories[seg.story_id]
+            if story.words is not None and len(story.words):
+                times = story.words.midpoints + seg.onset
+                late = int((times > scan_end).sum())
+                if late:
+                    log.warning("%s: %d of %d words of %s fall after the run's last volume (%.0f s); check the "
+                                "story's onset in events.tsv, or whether the scan stopped early", run.name, late,
+                                len(times), seg.story_id, scan_end)
+            elif story.duration and seg.onset + story.duration > scan_end + run.tr:
+                log.warning("%s: %s plays until %.0f s but the run's last volume ends at %.0f s; check its onset "
+                            "in events.tsv", run.name, seg.story_id, seg.onset + story.duration, scan_end)
+
+
 def _warn_sparse_audio_windows(spaces, experiment) -> None:
     """Audio windows sparser than half a TR alias what the Lanczos filter (cutoff 1/TR) keeps."""
     from .features import AUDIO_STEP
@@ -66,9 +88,13 @@ def _warn_sparse_audio_windows(spaces, experiment) -> None:
 
 def _peers(cfg: RunConfig, dataset: Dataset, experiment) -> list:
     """Without test repeats: other participants' experiments, for an inter-subject ceiling."""
+    from .bids.bold import NATIVE_SPACES
+
     n = cfg.models.intersubject_peers
     if n <= 0 or cfg.models.test_stories or experiment.repeated_stories:
         return []
+    if any(run.bold.space in NATIVE_SPACES or run.bold.kind == "hdf5" for run in experiment.runs):
+        return []  # an inter-subject ceiling needs a shared template space: no peer could be used
     stories = set(experiment.stories)
     peers = []
     for label in dataset.participants():
@@ -77,7 +103,7 @@ def _peers(cfg: RunConfig, dataset: Dataset, experiment) -> list:
         try:
             other = discover(dataset, cfg, label)
         except BidsencError as err:
-            log.info("inter-subject ceiling: sub-%s not usable (%s)", label, err.message)
+            log.debug("inter-subject ceiling: sub-%s not usable (%s)", label, err.message)
             continue
         if stories & set(other.stories):
             peers.append(other)
@@ -188,7 +214,7 @@ def extract_features(cfg: RunConfig, stories: dict, device: str):
     cfg.feature_cache.mkdir(parents=True, exist_ok=True)
     store = FeatureStore(cfg.feature_cache)
     return extract(cfg.features, stories, store, device=device, allow_download=cfg.execution.allow_download,
-                   model_dir=cfg.execution.model_dir)
+                   model_dir=cfg.execution.model_dir, skip_absent_audio=cfg.default_features)
 
 
 def group(cfg: RunConfig) -> None:

@@ -155,3 +155,64 @@ def make_fmriprep(root: Path, spaces=("MNI152NLin2009cAsym", "fsaverage6"), n_vo
             (ffunc / f"{base}_desc-preproc_bold.json").write_text(sidecar)
             nib.save(nib.Nifti1Image(np.ones((2, 2, 2), dtype=np.uint8), np.eye(4)),
                      ffunc / f"{base}_desc-brain_mask.nii.gz")
+
+
+def make_drifting_story(root: Path, *, shift: float = 0.0, effect: float = 0.5, minutes: float = 12.0,
+                        tr: float = 2.0, shape=(10, 10, 9), seed: int = 0) -> dict:
+    """One story heard once, responses dominated by slow drift, with a small known word-rate effect.
+
+    The single-story, drift-heavy situation in which an unfiltered fit scores a misaligned
+    stimulus almost as well as the real one. Speech rate wanders slowly (so word rate has
+    slow components that can mimic drift); each voxel's response is ``effect`` times the
+    HRF-convolved word rate (unit variance), plus a random walk and slow cosines (sd about
+    3 together), plus white noise (sd 1). ``shift`` seconds are added to the story's onset
+    in events.tsv only: with a shift, the stimulus the model sees is misaligned.
+    Returns what was simulated: the voxels' true correlation with the signal.
+    """
+    from bidsenc.synth.bold import canonical_hrf
+
+    rng = np.random.default_rng(seed)
+    onset, duration = 4.0, minutes * 60
+    n_vol = math.ceil((onset + duration + 12) / tr)
+    # words: a slowly wandering rate between about 1 and 4 words/s
+    t, words, starts, ends = 0.5, [], [], []
+    rate = np.cumsum(rng.normal(0, 0.05, int(duration) + 1))
+    rate = 2.5 + 1.2 * np.tanh(rate - rate.mean())
+    while t < duration - 1:
+        step = 1.0 / rate[int(t)]
+        words.append(f"w{len(words) % 50}")
+        starts.append(t)
+        ends.append(t + 0.8 * step)
+        t += step * rng.uniform(0.6, 1.4)
+    dt = 0.1
+    grid = np.zeros(int((onset + duration) / dt) + n_vol * int(tr / dt))
+    for s, e in zip(starts, ends, strict=True):
+        grid[int((onset + (s + e) / 2) / dt)] += 1
+    signal = np.convolve(grid, canonical_hrf(dt))[: len(grid)]
+    signal = signal[np.minimum(((np.arange(n_vol) + 0.5) * tr / dt).astype(int), len(grid) - 1)]
+    signal = (signal - signal.mean()) / signal.std()
+    n_vox = int(np.prod(shape))
+    walk = np.cumsum(rng.normal(0, 1, (n_vol, n_vox)), axis=0)
+    walk = (walk - walk.mean(0)) / walk.std(0)
+    times = np.arange(n_vol) * tr
+    cosines = sum(rng.normal(0, 1, n_vox) * np.cos(2 * np.pi * times[:, None] / period + rng.uniform(0, 6.3, n_vox))
+                  for period in (duration * 2, duration, 300.0))
+    bold = effect * signal[:, None] + 2.0 * walk + 1.5 * cosines + rng.normal(0, 1, (n_vol, n_vox))
+    (root / "stimuli").mkdir(parents=True, exist_ok=True)
+    (root / "dataset_description.json").write_text(json.dumps({"Name": "drift", "BIDSVersion": "1.9.0",
+                                                               "License": "CC-BY-4.0"}))
+    (root / "README").write_text("A generated single-story dataset with slow drift.\n")
+    (root / "task-story_bold.json").write_text(json.dumps({"TaskName": "story", "RepetitionTime": tr}))
+    func = root / "sub-01" / "func"
+    func.mkdir(parents=True, exist_ok=True)
+    img = nib.Nifti1Image((100 + bold.T.reshape(*shape, n_vol)).astype(np.float32), np.eye(4))
+    img.header.set_xyzt_units("mm", "sec")
+    img.header["pixdim"][4] = tr
+    nib.save(img, func / "sub-01_task-story_bold.nii.gz")
+    pd.DataFrame({"onset": [onset + shift], "duration": [duration], "trial_type": ["story"],
+                  "stim_file": ["story.wav"]}).to_csv(func / "sub-01_task-story_events.tsv", sep="\t", index=False)
+    sf.write(root / "stimuli" / "story.wav", np.zeros(int(duration * STIM_RATE), dtype=np.float32), STIM_RATE)
+    pd.DataFrame({"word": words, "onset": starts, "offset": ends}).to_csv(root / "stimuli" / "story.tsv", sep="\t",
+                                                                          index=False)
+    true_r = effect / np.sqrt(effect**2 + np.var(bold - effect * signal[:, None], axis=0))
+    return {"n_voxels": n_vox, "n_volumes": n_vol, "true_r": true_r}

@@ -300,7 +300,8 @@ def test_device_is_logged(small):
 def test_exit_65_too_little_data_to_fit(small):
     code, _, err = _run(small, "--participant-label", "01")
     assert code == 65
-    _assert_one_line_error(err, "no brain found", "fMRIPrep")
+    # 2x2x2 voxels: too small for an EPI mask, so every voxel is fitted; 30 volumes are too few
+    _assert_one_line_error(err, "too little data to cross-validate", "12 volumes left out on each side")
 
 
 def test_exit_66_model_not_available_offline(small):

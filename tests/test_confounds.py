@@ -50,12 +50,13 @@ def test_confounds_are_regressed_out_of_the_responses(fmriprep_run):
     signal = np.random.default_rng(0).normal(size=(30, 3))
     motion = (x[:, 0] - x[:, 0].mean()) / x[:, 0].std()
     y = (signal + 5 * motion[:, None]).astype(np.float32)
-    cleaned = clean_run(y, run, detrend=True, confounds=x)
+    settings = AlignSettings(detrend=True)
+    cleaned = clean_run(y, run, settings, confounds=x)
     assert np.abs(np.corrcoef(y.T, motion)[-1, :-1]).min() > 0.9
     assert np.abs(np.corrcoef(cleaned.T, motion)[-1, :-1]).max() < 1e-6  # orthogonal to every confound
     # and split_responses passes each run's confounds on to the cleaning
-    kept = split_responses([run], [y], [], AlignSettings(), detrend=True, confounds=[x])
-    assert np.allclose(kept.train, cleaned[kept_rows(run, AlignSettings(), test=False)], atol=1e-5)
+    kept = split_responses([run], [y], [], settings, confounds=[x])
+    assert np.allclose(kept.train, cleaned[kept_rows(run, settings, test=False)], atol=1e-5)
 
 
 def test_bad_confounds_are_clear_errors(fmriprep_run):

@@ -13,7 +13,7 @@ def test_demo_command(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "matches truth.json" in proc.stdout
-    assert proc.stdout.count("mean test r") == 2 * 6  # 2 participants x (5 models + stacking)
+    assert proc.stdout.count("mean test r") == 2 * 8  # 2 participants x (5 models + 2 baselines + stacking)
     root = tmp_path / "demo"
     truth = json.loads((root / "truth.json").read_text())
     for label in truth["participants"]:
@@ -33,6 +33,19 @@ def test_demo_command(tmp_path):
     for label in truth["participants"]:
         assert len(list((out / f"sub-{label}" / "func").glob("*_statmap.nii.gz"))) >= 5 * 7
         assert (out / f"sub-{label}.html").stat().st_size > 100_000
+    # the misaligned-stimulus null beside every model, and every model against the low-level baselines
+    report = (out / "sub-01.html").read_text()
+    assert "misaligned mean r" in report and "voxels above misaligned 95%" in report
+    import pandas as pd
+
+    summary = pd.read_csv(next((out / "sub-01").rglob("*_desc-models_summary.tsv")), sep="\t", na_values="n/a")
+    best = summary[summary["best"] & ~summary["model"].isin(["stacked", "banded"])]
+    assert len(best) == 7 and best["null_mean_r"].notna().all() and best["fraction_above_null"].notna().all()
+    assert {"lowlevel-word_rate", "lowlevel-envelope"} <= set(best["model"])
+    group = (out / "group.html").read_text()
+    assert "Against low-level baselines" in group and "misaligned_mean_r" in group
+    baselines = pd.read_csv(out / "group" / "desc-baselines_summary.tsv", sep="\t")
+    assert set(baselines["model"]) == set(best["model"]) - {"lowlevel-word_rate", "lowlevel-envelope"}
     sizes = (out / "group" / "desc-sizescaling_summary.tsv").read_text()
     assert "gpt2\twhole brain\tmean_r" in sizes  # the tiny GPT-2 family at three sizes
     exe = Path(sys.executable).parent / "bids-validator-deno"

@@ -160,7 +160,7 @@ def test_without_repeats_an_outer_loop_scores(demo, tmp_path):
     assert fitted.cc_max is None and fitted.data_scaling.empty  # no test story: no ceiling, no data scaling
     assert fitted.responses["scoring"].startswith("outer")
     r = result["stats"][0, :, 0]
-    assert (result["stats"][0, :, 2] == 0).all()  # no ceiling, so no cc_norm
+    assert np.isnan(result["stats"][0, :, 2]).all()  # no ceiling, so no cc_norm: missing, not 0
     truth, inside = truth_on_grid(demo, fitted, "01")
     strong = inside & (truth["driven"] == 1) & (truth["ceiling"] > 0.5)
     noise = inside & (truth["driven"] == 0)

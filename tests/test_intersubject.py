@@ -14,7 +14,7 @@ from bidsenc.cli.run import configure
 from bidsenc.fit import fit_participant
 from builders import make_raw
 
-N_VOLUMES = 200
+N_VOLUMES = 240  # one story: 5 buffered outer blocks need about 145 training volumes at TR 1.5 s
 LABELS = ("01", "02", "03")
 
 

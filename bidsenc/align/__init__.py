@@ -43,6 +43,11 @@ class AlignSettings:
     trim_test_s: tuple[float, float] = (100.0, 10.0)
     lanczos_window: int = 3
     lanczos_normalize: bool = False
+    #: Temporal filtering, per run, of the responses and the delayed design alike: a linear
+    #: detrend and a cosine (DCT) high-pass at this cutoff in Hz (0: none), the filter
+    #: fMRIPrep's ``cosine*`` regressors implement (128 s by default).
+    detrend: bool = False
+    high_pass: float = 0.0
 
     #: the reference preset, in TRs
     REFERENCE_DELAYS = (1, 2, 3, 4)
@@ -166,13 +171,39 @@ def zscore(x: np.ndarray) -> np.ndarray:
     return np.divide(x - x.mean(0), sd, out=np.zeros_like(x), where=sd > 0)
 
 
+def temporal_filter(x: np.ndarray, tr: float, settings: AlignSettings,
+                    confounds: np.ndarray | None = None) -> np.ndarray:
+    """The run's nuisance cleaning (``nilearn.signal.clean``), float64; unchanged when there is none.
+
+    A linear detrend and the cosine high-pass of ``settings``, and ``confounds`` (responses
+    only) regressed out together with the cosine terms. The same call filters responses
+    and features, so that slow components can be neither fitted nor scored.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if not (settings.detrend or settings.high_pass or confounds is not None):
+        return x
+    from nilearn.signal import clean
+
+    finite = np.isfinite(x).all(0)
+    out = np.zeros_like(x)
+    kwargs = {"filter": "cosine", "high_pass": settings.high_pass} if settings.high_pass else {"filter": False}
+    out[:, finite] = clean(x[:, finite], detrend=settings.detrend, standardize=None, t_r=tr,
+                           confounds=confounds, standardize_confounds=True, **kwargs)
+    return out
+
+
 def run_design(run: Run, story_features: dict, settings: AlignSettings, test: bool) -> np.ndarray:
-    """Delayed, trimmed, z-scored features of one run (default preset), aligned to its kept rows."""
+    """Delayed, filtered, trimmed, z-scored features of one run, aligned to its kept response rows.
+
+    Delays are applied from the first acquired volume (the default preset), then the rows
+    the responses have are filtered like them (:func:`temporal_filter`) and trimmed.
+    """
     x = run_features(run, story_features, settings)
-    rows = kept_rows(run, settings, test) + run.trimmed_start
-    if settings.preset == "reference":
-        return zscore(x[rows])  # delays are applied after concatenation
-    return zscore(delay(x, settings.delay_trs(run.tr))[rows])
+    in_file = slice(run.trimmed_start, run.trimmed_start + run.n_volumes)  # the rows the responses have
+    if settings.preset == "reference":  # the paper: delays after concatenation, features z-scored, not filtered
+        return zscore(x[in_file][kept_rows(run, settings, test)])
+    x = temporal_filter(delay(x, settings.delay_trs(run.tr))[in_file], run.tr, settings)
+    return zscore(x[kept_rows(run, settings, test)])
 
 
 def delay_concatenated(blocks: list[np.ndarray], settings: AlignSettings, tr: float) -> np.ndarray:
@@ -181,4 +212,4 @@ def delay_concatenated(blocks: list[np.ndarray], settings: AlignSettings, tr: fl
 
 
 __all__ = ["AlignSettings", "delay", "delay_concatenated", "kept_rows", "lanczos_kernel", "lanczos_resample",
-           "run_design", "run_features", "volume_times", "zscore"]
+           "run_design", "run_features", "temporal_filter", "volume_times", "zscore"]

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..bids.experiment import Run
 from ..errors import DataError
-from . import AlignSettings, delay_concatenated, kept_rows, run_design, zscore
+from . import AlignSettings, delay_concatenated, kept_rows, run_design, temporal_filter, zscore
 
 log = logging.getLogger(__name__)
 
@@ -35,24 +35,13 @@ class Responses:
     notes: list[str] = field(default_factory=list)
 
 
-def clean_run(y: np.ndarray, run: Run, *, detrend: bool, high_pass: float | None = None,
-              confounds: np.ndarray | None = None) -> np.ndarray:
-    """Nuisance cleaning (``nilearn.signal.clean``) then z-scoring per voxel over the run."""
-    y = np.asarray(y, dtype=np.float64)
-    if detrend or high_pass or confounds is not None:
-        from nilearn.signal import clean
-
-        finite = np.isfinite(y).all(0)
-        cleaned = np.zeros_like(y)
-        cleaned[:, finite] = clean(y[:, finite], detrend=detrend, standardize=None, t_r=run.tr,
-                                   high_pass=high_pass, confounds=confounds)
-        y = cleaned
-    return zscore(np.nan_to_num(y, nan=0.0))
+def clean_run(y: np.ndarray, run: Run, settings: AlignSettings, confounds: np.ndarray | None = None) -> np.ndarray:
+    """Temporal filtering (as the design gets it) and confound regression, then z-scoring per voxel."""
+    return zscore(np.nan_to_num(temporal_filter(y, run.tr, settings, confounds), nan=0.0))
 
 
 def split_responses(runs: list[Run], responses: list[np.ndarray], test_stories: list[str],
-                    settings: AlignSettings, *, detrend: bool, high_pass: float | None = None,
-                    confounds: list[np.ndarray | None] | None = None) -> Responses:
+                    settings: AlignSettings, *, confounds: list[np.ndarray | None] | None = None) -> Responses:
     """Clean each run (regressing out its ``confounds``, if given), trim it and build the training and test sets."""
     valid = np.ones(responses[0].shape[1], dtype=bool)
     cleaned = []
@@ -60,8 +49,7 @@ def split_responses(runs: list[Run], responses: list[np.ndarray], test_stories: 
         if y.shape[0] != run.n_volumes:
             raise DataError(f"{run.name}: {y.shape[0]} volumes read, {run.n_volumes} expected")
         valid &= np.isfinite(y).all(0) & (np.nanstd(y, axis=0) > 0)
-        cleaned.append(clean_run(y, run, detrend=detrend, high_pass=high_pass,
-                                 confounds=confounds[i] if confounds else None))
+        cleaned.append(clean_run(y, run, settings, confounds[i] if confounds else None))
 
     train_runs = [r for r in runs if not _is_test(r, test_stories)]
     test_runs = [r for r in runs if _is_test(r, test_stories)]

@@ -9,6 +9,7 @@ mask), so their columns line up.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,6 +88,32 @@ def load_responses(runs: list[Run], mask_path: Path | None = None, *,
     return _load_hdf5(runs)
 
 
+def check_mask(mask_path: Path, runs: list[Run]) -> None:
+    """Refuse a ``--mask`` that cannot serve these runs (read from the headers: nothing is loaded)."""
+    mask = _nib_load(mask_path)
+    for run in runs:
+        if run.bold.kind != "nifti":
+            raise DataError(f"--mask {mask_path.name}: {run.name} is not a NIfTI run ({run.bold.kind}); a mask "
+                            "applies to volumes only")
+        bold = _nib_load(run.bold.paths[0])
+        if bold.shape[:3] != mask.shape[:3] or not np.allclose(bold.affine, mask.affine, atol=1e-3):
+            raise DataError(f"--mask {mask_path.name} ({'x'.join(map(str, mask.shape[:3]))}) is not on the voxel grid "
+                            f"of {run.bold.paths[0].name} ({'x'.join(map(str, bold.shape[:3]))}); resample it to "
+                            "the BOLD grid")
+    if not (np.asarray(mask.dataobj) > 0).any():
+        raise DataError(f"--mask {mask_path.name} selects no voxel")
+
+
+#: Images with fewer voxels per volume hold regions or parcels, not a brain: no EPI mask is computed.
+MIN_EPI_MASK_VOXELS = 1000
+
+
+def _varying(img) -> np.ndarray:
+    """Voxels whose time series is finite and not constant."""
+    data = np.asarray(img.dataobj, dtype=np.float64)
+    return np.isfinite(data).all(-1) & (np.ptp(np.nan_to_num(data), axis=-1) > 0)
+
+
 def _load_nifti(runs: list[Run], mask_path: Path | None) -> tuple[list[np.ndarray], Space]:
     from nilearn.masking import compute_multi_epi_mask
 
@@ -101,13 +128,25 @@ def _load_nifti(runs: list[Run], mask_path: Path | None) -> tuple[list[np.ndarra
         source = ", ".join(p.name for p in sorted(masks))
         if len(masks) > 1:
             source = f"intersection of {len(masks)} run masks"
+    elif np.prod(imgs[0].shape[:3]) < MIN_EPI_MASK_VOXELS:
+        # region or parcel time series stored as a small image: no brain to find, every signal counts
+        mask = np.logical_and.reduce([_varying(img) for img in imgs]) if \
+            len({img.shape[:3] for img in imgs}) == 1 else np.ones(imgs[0].shape[:3], bool)
+        source = "every finite, non-constant voxel (the image is too small for an EPI brain mask)"
+        log.info("%s has %d voxels per volume, too few for an EPI brain mask: using %s", paths[0].name,
+                 int(np.prod(imgs[0].shape[:3])), source)
     else:
-        mask = np.asarray(compute_multi_epi_mask(imgs).dataobj) > 0
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mask = np.asarray(compute_multi_epi_mask(imgs).dataobj) > 0
         source = "computed from the EPI with nilearn compute_multi_epi_mask"
         log.info("brain mask %s: %d voxels", source, int(mask.sum()))
+        for message in {" ".join(str(w.message).split()) for w in caught}:
+            log.warning("brain mask from %s: %s (give --mask FILE to choose the voxels)", paths[0].name, message)
         if not mask.any():
             raise DataError(f"no brain found in {paths[0].name} and the other runs (the mask computed from "
-                            "the EPI is empty); use fMRIPrep outputs, which come with a brain mask")
+                            "the EPI is empty); give a mask with --mask FILE or use fMRIPrep outputs, which come "
+                            "with a brain mask")
     shape3d = imgs[0].shape[:3]
     if mask.shape != shape3d:
         raise DataError(f"brain mask shape {mask.shape} differs from the BOLD grid {shape3d}")

@@ -31,6 +31,7 @@ EVENT_WORD_COLUMNS = ("word", "text", "token", "value")
 
 _WORD_TIER = re.compile(r"(?:.*[\s_-])?words?", re.IGNORECASE)  # word, Words, spk1 - words
 _PHONE_TIER = re.compile(r"phon", re.IGNORECASE)  # phone, phones, phonemes
+_SILENCES = {"sil", "sp", "spn", "sli", "pau", "br", "lg", "ls", "ns"}
 _GENTLE_KEEP = ("success", "not-found-in-audio")  # the cases Gentle writes to align.csv
 _MISSING = {"", "n/a", "nan"}
 
@@ -65,6 +66,29 @@ def read_textgrid(path: Path | str, tier: str | None = None) -> WordTimings:
         Non-empty intervals of that tier.
     """
     path = _existing(path)
+    tg = _open_textgrid(path)
+    chosen = _word_tier(path, tg, tier)
+    entries = [e for e in chosen.entries if e.label.strip()]
+    return _timings(path, [e.label for e in entries], [e.start for e in entries], [e.end for e in entries])
+
+
+def read_phone_times(path: Path | str) -> np.ndarray | None:
+    """Midpoints (s) of the labelled intervals of a TextGrid's phone tier, or None when it has none.
+
+    The phone tier is the interval tier whose name looks like phones (``phone``,
+    ``phones``, ``phonemes``); silences (``sil``, ``sp``, blanks) are not phones.
+    """
+    path = _existing(path)
+    tg = _open_textgrid(path)
+    tiers = [t for t in tg.tiers if isinstance(t, textgrid.IntervalTier) and _PHONE_TIER.search(t.name)]
+    if not tiers:
+        return None
+    entries = [e for e in tiers[0].entries if e.label.strip() and e.label.strip().lower() not in _SILENCES]
+    return np.array([(e.start + e.end) / 2 for e in entries], dtype=float)
+
+
+def _open_textgrid(path: Path):
+    """Parse a TextGrid (long or short format), refusing what praatio would misread silently."""
     text = _read_text(path)
     long_format = "item [" in text and "ooTextFile short" not in text  # as praatio decides
     negative = _LONG_NEGATIVE.search(text) if long_format else None
@@ -78,9 +102,7 @@ def read_textgrid(path: Path | str, tier: str | None = None) -> WordTimings:
     except Exception as err:  # praatio raises ParsingError, ValueError, IndexError, ... on bad text
         raise _fail(path, f"not a valid Praat TextGrid ({type(err).__name__}: {err})") from None
     _check_complete(path, text, long_format, tg)
-    chosen = _word_tier(path, tg, tier)
-    entries = [e for e in chosen.entries if e.label.strip()]
-    return _timings(path, [e.label for e in entries], [e.start for e in entries], [e.end for e in entries])
+    return tg
 
 
 def read_gentle_csv(path: Path | str) -> WordTimings:

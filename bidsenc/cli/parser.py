@@ -23,6 +23,21 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see bidsenc --help)")
 
 
+def _high_pass(text: str) -> float:
+    if text.strip().lower() in ("none", "off"):
+        return 0.0
+    if "/" in text:  # 1/128
+        num, _, den = text.partition("/")
+        try:
+            return float(num) / float(den)
+        except (ValueError, ZeroDivisionError):
+            pass
+    try:
+        return float(text)
+    except ValueError:
+        raise UsageError(f"--high-pass {text!r}: expected a cutoff in Hz such as 0.0078 or 1/128, or none") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the ``bidsenc`` argument parser."""
     S = argparse.SUPPRESS
@@ -59,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output space of fMRIPrep data to use when several exist (e.g. MNI152NLin2009cAsym, fsaverage6)")
     g.add_argument("--stimuli-dir", type=Path, metavar="DIR",
                    help="folder holding the stimuli (default: bids_dir/stimuli)")
+    g.add_argument("--mask", type=Path, metavar="FILE",
+                   help="NIfTI mask on the BOLD grid of the voxels to fit (default: the runs' brain mask, else one "
+                   "computed from the EPI, else every finite, non-constant voxel of a small image)")
     g.add_argument("--word-timing", dest="word_timings", nargs="+", metavar="STIM=FILE",
                    help="explicit word timing file for a stimulus (its stim_file or story id)")
     g.add_argument("--skip-bids-validation", "--skip_bids_validation", dest="skip_bids_validation",
@@ -66,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("features")
     g.add_argument("--feature", dest="features", action="extend", nargs="+", metavar="SPEC",
-                   help="a feature space KIND:MODEL[:KEY=VALUE...], repeatable, e.g. "
-                   "lm:facebook/opt-125m:layers=all (default: a small OPT and a small Whisper)")
+                   help="a feature space KIND:MODEL[:KEY=VALUE...], repeatable: lm (a language model), audio "
+                   "(Whisper, HuBERT, WavLM) or lowlevel (the baselines word_rate, phoneme_rate, envelope), e.g. "
+                   "lm:facebook/opt-125m:layers=all or lowlevel:word_rate (default: a small OPT and a small Whisper)")
     g.add_argument("--feature-cache", type=Path, metavar="DIR",
                    help="feature cache shared across jobs (default: <work-dir>/feature-cache)")
     g.add_argument("--features-only", action="store_true",
@@ -87,8 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--confounds", nargs="+", metavar="NAME",
                    help="fMRIPrep confounds to regress out of each run, by column name or pattern, e.g. "
                    "'trans_?' 'rot_?' 'a_comp_cor_0[0-4]' (default: none)")
+    g.add_argument("--high-pass", type=_high_pass, metavar="HZ",
+                   help="cosine high-pass cutoff applied per run to the responses and the features alike; 0 or "
+                   "none turns it off (default: 1/128 Hz for raw and fMRIPrep inputs; none for ds003020's "
+                   "cleaned files and under --preset reference)")
     g.add_argument("--n-permutations", type=int, metavar="N",
                    help="circular shifts for the per-voxel p-values (default: 1000)")
+    g.add_argument("--null-draws", type=int, metavar="N",
+                   help="refit each model's best layer N times on features circularly shifted per story (a "
+                   "misaligned stimulus) and report its scores beside the real ones; 0 turns it off (default: 5)")
     g.add_argument("--data-scaling-seeds", type=int, metavar="N",
                    help="random subsets of 1, 2, 4, ... training stories per size for the data-scaling "
                    "curve; 0 turns it off (default: 3)")

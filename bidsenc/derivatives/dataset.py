@@ -68,8 +68,10 @@ def dataset_description(bids_dir: Path, derivatives: dict | None = None) -> dict
     if found:
         generated["Container"] = found
     source = {"URL": bids_dir.absolute().as_uri()}
+    licence = None
     try:
         raw = json.loads((bids_dir / "dataset_description.json").read_text())
+        licence = raw.get("License")
         if raw.get("DatasetDOI"):
             doi = str(raw["DatasetDOI"])
             source = {"DOI": doi if doi.startswith("doi:") else f"doi:{doi.removeprefix('https://doi.org/')}"}
@@ -77,7 +79,7 @@ def dataset_description(bids_dir: Path, derivatives: dict | None = None) -> dict
             source["Version"] = str(raw["Version"])
     except (OSError, ValueError):
         pass
-    return {
+    out = {
         "Name": "bidsenc: voxelwise encoding models",
         "BIDSVersion": "1.10.0",
         "DatasetType": "derivative",
@@ -87,8 +89,12 @@ def dataset_description(bids_dir: Path, derivatives: dict | None = None) -> dict
                          **{name: Path(path).absolute().as_uri() for name, path in (derivatives or {}).items()}},
         "HowToAcknowledge": "Cite Antonello, Vaidya & Huth (2023) and the works listed in logs/CITATION.md; "
                             "name bidsenc and its version.",
-        "License": "CC0",
     }
+    if licence:  # derived data stay under the source's terms
+        out["License"] = str(licence)
+        out["HowToAcknowledge"] += (f" These outputs derive from the source dataset and carry its license "
+                                    f"({licence}); acknowledge it as its authors ask.")
+    return out
 
 
 def existing_version(output_dir: Path) -> str | None:

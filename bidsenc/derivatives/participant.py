@@ -150,6 +150,8 @@ def _write_all(w: _Writer, result: ParticipantResult, cfg) -> None:
     for model in result.models:
         desc = w.labels[model.name]
         weights = {} if model.weights is None else {"weights": model.weights}
+        if model.null_r is not None:
+            weights["null_r"] = model.null_r
         w.array(desc, stats=model.stats, stat_names=np.array(LAYER_STATS), layers=model.layers,
                 best_layer=np.array(model.best_layer), pvalue=model.pvalue, fdr=model.fdr,
                 model=np.array(json.dumps(model.description)), name=np.array(model.name), **weights)
@@ -366,7 +368,7 @@ def _read(func: Path, marker_path: Path, label: str, version: str | None) -> Par
     for name, desc in marker["Models"].items():
         a = _load(func / f"{prefix}_desc-{desc}_encoding.npz")
         models.append(ModelResult(name, json.loads(str(a["model"])), a["layers"], a["stats"],
-                                  int(a["best_layer"]), a["pvalue"], a["fdr"], a.get("weights")))
+                                  int(a["best_layer"]), a["pvalue"], a["fdr"], a.get("weights"), a.get("null_r")))
     stacked = None
     if (func / f"{prefix}_desc-stacked_encoding.npz").is_file():
         a = _load(func / f"{prefix}_desc-stacked_encoding.npz")

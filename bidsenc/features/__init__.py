@@ -54,23 +54,44 @@ class FeatureSpace:
 
 
 def extract(specs, stories: dict[str, Story], store: FeatureStore, *, device: str = "cpu",
-            allow_download: bool = False, progress: bool = True, model_dir: Path | None = None) -> list[FeatureSpace]:
+            allow_download: bool = False, progress: bool = True, model_dir: Path | None = None,
+            skip_absent_audio: bool = False) -> list[FeatureSpace]:
     """Make sure every spec's features exist for every story, computing what is missing.
 
     Text features come first, so that a missing audio file stops the run only after
-    the language-model features are cached. A hub id with a copy in ``model_dir``
+    the language-model features are cached. With ``skip_absent_audio`` (the default
+    feature spaces, which the user did not choose), audio features are left out with a
+    warning when no story has audio, rather than stopping the run. A hub id with a copy in ``model_dir``
     (``model_dir/<org>/<name>``, as ``save_pretrained`` or ``hf download --local-dir``
     writes it) is loaded from there; the outputs still name the hub id.
     """
+    specs = _without_absent_audio(list(specs), stories) if skip_absent_audio else list(specs)
     ordered = sorted(specs, key=lambda spec: spec.kind != "lm")
     spaces = {id(spec): _extract_one(_located(spec, model_dir), stories, store, device, allow_download, progress)
               for spec in ordered}
     return [spaces[id(spec)] for spec in specs]
 
 
+def _without_absent_audio(specs: list[FeatureSpec], stories: dict[str, Story]) -> list[FeatureSpec]:
+    """Leave out audio feature spaces when the dataset has no audio at all, if other spaces remain.
+
+    A dataset of word timings only (no stimulus audio) still gets its text features fitted;
+    audio missing for some stories only is an error (see :func:`_extract_one`).
+    """
+    if any(story.audio for story in stories.values()):
+        return specs
+    audio = [s for s in specs if s.kind == "audio" or (s.kind == "lowlevel" and s.model == "envelope")]
+    if not audio or len(audio) == len(specs):
+        return specs
+    for spec in audio:
+        log.warning("%s:%s skipped: none of the %d stories has audio in the dataset; the other feature spaces "
+                    "are fitted", spec.kind, spec.model, len(stories))
+    return [s for s in specs if s not in audio]
+
+
 def _located(spec: FeatureSpec, model_dir: Path | None) -> FeatureSpec:
     """The spec with its model read from ``model_dir`` when a copy is there (the name kept as given)."""
-    if model_dir is None or Path(spec.model).expanduser().is_dir():
+    if model_dir is None or spec.kind == "lowlevel" or Path(spec.model).expanduser().is_dir():
         return spec
     copy = Path(model_dir) / spec.model
     if not (copy / "config.json").is_file():
@@ -81,6 +102,8 @@ def _located(spec: FeatureSpec, model_dir: Path | None) -> FeatureSpec:
 
 def _extract_one(spec: FeatureSpec, stories: dict[str, Story], store: FeatureStore, device: str,
                  allow_download: bool, progress: bool) -> FeatureSpace:
+    if spec.kind == "lowlevel":
+        return _extract_lowlevel(spec, stories, store)
     usable = {sid: s for sid, s in stories.items() if (s.words is not None if spec.kind == "lm" else s.audio)}
     missing = sorted(set(stories) - set(usable))
     if missing:
@@ -170,10 +193,43 @@ def _compute_audio(spec, options, stories: list[Story], todo: list[Request], lay
                                   "time": "window end, s from the audio's start"}
 
 
+# --------------------------------------------------------------------------- low-level baselines
+
+def _extract_lowlevel(spec: FeatureSpec, stories: dict[str, Story], store: FeatureStore) -> FeatureSpace:
+    from . import lowlevel
+
+    name = spec.model
+    if name not in lowlevel.BASELINES:
+        raise UsageError(f"--feature lowlevel:{name}: choose one of {', '.join(lowlevel.BASELINES)}")
+    _options(spec)
+    missing = sorted(sid for sid, story in stories.items() if not lowlevel.has_input(name, story))
+    if missing:
+        what = {"words": "word timings", "phones": "a TextGrid with a phone tier", "audio": "audio"}
+        raise MissingInputError(f"lowlevel:{name} needs {what[lowlevel.needs(name)]} for every story; "
+                                f"{', '.join(missing[:5])} has none (leave this baseline out)")
+    params = {"baseline": name, "envelope_frame_s": lowlevel.ENVELOPE_FRAME if name == "envelope" else None}
+    key = f"lowlevel-{name}-{_hash(params)}"
+    requests = {sid: Request(key, f"{slug(sid)}-{s.content_hash[:12]}", (0,)) for sid, s in sorted(stories.items())}
+    by_request = {req: stories[sid] for sid, req in requests.items()}
+    described = {"model": name, "kind": "lowlevel", "n_parameters": None, "n_layers": 0, "hidden_size": 1,
+                 "model_type": "lowlevel"}
+    unit = {"words": "word", "phones": "phone", "audio": f"{lowlevel.ENVELOPE_FRAME} s frame"}[lowlevel.needs(name)]
+
+    def compute(todo: list[Request]):
+        for req in todo:
+            times, values = lowlevel.compute(name, by_request[req])
+            yield req, times, {0: values}, {"model": described, "params": params, "unit": unit,
+                                            "time": f"{unit} centre, s from the audio's start"}
+
+    counts = store.ensure(list(requests.values()), compute)
+    log.info("low-level baseline %s: %d stories (%d from the cache)", name, len(requests), counts.get("hit", 0))
+    return FeatureSpace(spec, f"lowlevel-{name}", [0], 0, requests, store, described, counts)
+
+
 # --------------------------------------------------------------------------- helpers
 
 def _options(spec: FeatureSpec) -> dict:
-    known = _LM_OPTIONS if spec.kind == "lm" else _AUDIO_OPTIONS
+    known = {"lm": _LM_OPTIONS, "audio": _AUDIO_OPTIONS, "lowlevel": {"family": str}}[spec.kind]
     out = {}
     for key, value in spec.options.items():
         if key == "_path":  # set by _located, not by the user

@@ -7,17 +7,19 @@ import numpy as np
 from ..errors import DataError
 
 
-def leave_stories_out(groups: np.ndarray, n_folds: int = 5, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+def leave_stories_out(groups: np.ndarray, n_folds: int = 5, seed: int = 0,
+                      gap: int = 5) -> list[tuple[np.ndarray, np.ndarray]]:
     """Folds that hold out whole stories: no story is split between training and validation.
 
     Stories are shuffled with ``seed`` and dealt into ``min(n_folds, n_stories)`` folds.
-    With a single story, contiguous blocks of it are held out instead, with a gap of
-    5 rows (10 s at TR 2) removed on each side of the held-out block so that slow
-    responses do not leak across (see :func:`contiguous_blocks`).
+    With a single story, contiguous blocks of it are held out instead, with ``gap``
+    rows removed from training on each side of the held-out block so that the delayed
+    features and slow responses do not leak across (see :func:`contiguous_blocks` and
+    :func:`buffer_rows`).
     """
     stories = np.unique(groups)
     if len(stories) == 1:
-        return contiguous_blocks(len(groups), n_folds)
+        return contiguous_blocks(len(groups), n_folds, gap)
     rng = np.random.default_rng(seed)
     order = rng.permutation(stories)
     k = min(n_folds, len(stories))
@@ -28,11 +30,22 @@ def leave_stories_out(groups: np.ndarray, n_folds: int = 5, seed: int = 0) -> li
     return folds
 
 
+def buffer_rows(tr: float, longest_delay_s: float, extra_s: float = 10.0) -> int:
+    """Rows to leave out between training and held-out blocks of one story: the longest delay plus 10 s.
+
+    A held-out row's delayed features reach ``longest_delay_s`` back into the training
+    rows before it, and the hemodynamic response and slow drift carry on for seconds
+    after; both would let training rows next to the block predict it.
+    """
+    return int(np.ceil((longest_delay_s + extra_s) / tr - 1e-9))
+
+
 def contiguous_blocks(n_rows: int, n_folds: int = 5, gap: int = 5) -> list[tuple[np.ndarray, np.ndarray]]:
     """Contiguous validation blocks with ``gap`` rows dropped from training on each side."""
     if n_rows < n_folds * (2 * gap + 5):
         raise DataError(f"too little data to cross-validate: {n_rows} training volumes in one story "
-                        f"(need at least {n_folds * (2 * gap + 5)} for {n_folds} folds)")
+                        f"(need at least {n_folds * (2 * gap + 5)} for {n_folds} folds with {gap} volumes left "
+                        "out on each side of a held-out block)")
     edges = np.linspace(0, n_rows, n_folds + 1).astype(int)
     folds = []
     rows = np.arange(n_rows)

@@ -38,7 +38,7 @@ class LayerFit:
     weights: np.ndarray | None = None   # [n_features, n_voxels], only when asked
 
     def stats(self, ceiling: np.ndarray | None) -> np.ndarray:
-        norm = cc_norm(self.test_r, ceiling) if ceiling is not None else np.zeros_like(self.test_r)
+        norm = cc_norm(self.test_r, ceiling) if ceiling is not None else np.full_like(self.test_r, np.nan)
         return np.stack([self.test_r, self.test_r2, norm, self.alphas, self.cv_score], axis=-1).astype(np.float32)
 
 
@@ -53,11 +53,12 @@ def evaluate_layer(layer: int, x_train, y_train, x_test, y_test, folds, alphas, 
 
 
 def evaluate_layer_outer(layer: int, x, y, groups, outer_folds, alphas, *, n_inner: int = 5, seed: int = 0,
-                         device="cpu", mem_gb=None) -> LayerFit:
+                         gap: int = 5, device="cpu", mem_gb=None) -> LayerFit:
     """Scores without a test story: an outer leave-stories-out loop around the cross-validated ridge.
 
     Each outer fold's held-out stories are predicted by a model whose alphas were chosen
-    on the other stories only (inner leave-stories-out); r and R^2 are computed on all
+    on the other stories only (inner leave-stories-out, ``gap`` rows left out around
+    contiguous blocks when a single story remains); r and R^2 are computed on all
     held-out rows together. The returned alpha is the geometric mean over outer folds.
     """
     from .cv import leave_stories_out
@@ -66,7 +67,7 @@ def evaluate_layer_outer(layer: int, x, y, groups, outer_folds, alphas, *, n_inn
     scored = np.zeros(len(y), dtype=bool)
     log_alphas, cv_scores, valid = [], [], np.ones(y.shape[1], dtype=bool)
     for train, test in outer_folds:
-        inner = leave_stories_out(groups[train], n_inner, seed)
+        inner = leave_stories_out(groups[train], n_inner, seed, gap)
         out = fit_and_score(x[train], y[train], x[test], y[test], inner, alphas, return_predictions=True,
                             device=device, mem_gb=mem_gb)
         pred[test] = out["predictions"]
@@ -124,3 +125,70 @@ def stack_spaces(names, oof: list[np.ndarray], test_predictions: list[np.ndarray
     pred = stacked_prediction(weights, np.stack(test_predictions))
     return StackedResult(list(names), np.asarray(weights, dtype=np.float32), np.nan_to_num(pearson_r(pred, y_test)),
                          np.nan_to_num(r2_score(y_test, pred)))
+
+
+# --------------------------------------------------------------------------- shuffled-stimulus null
+
+def circular_shift_blocks(x: np.ndarray, groups: np.ndarray, rng: np.random.Generator,
+                          min_fraction: float = 0.2) -> np.ndarray:
+    """Rows of ``x`` rolled within each contiguous block of equal ``groups`` by a random lag.
+
+    The lag lies between ``min_fraction`` and ``1 - min_fraction`` of the block, so the
+    features keep their own temporal structure (autocorrelation, drift, word rate) but
+    no longer line up with the responses: the stimulus is misaligned on purpose.
+    """
+    out = np.empty_like(x)
+    edges = np.flatnonzero(np.diff(groups)) + 1
+    for block in np.split(np.arange(len(groups)), edges):
+        n = len(block)
+        lo, hi = int(np.ceil(min_fraction * n)), int(np.floor((1 - min_fraction) * n))
+        lag = int(rng.integers(lo, hi + 1)) if hi >= lo and n > 1 else 0
+        out[block] = np.roll(x[block], lag, axis=0)
+    return out
+
+
+@dataclass
+class NullScores:
+    """Test r of a model refitted on misaligned features, against the real fit's r.
+
+    ``r`` holds one row per draw; :attr:`threshold` is the 95th percentile of the null r
+    pooled over draws and voxels, so the fraction of voxels above it is about 5 % for a
+    model that carries no information about the responses.
+    """
+
+    r: np.ndarray            # [n_draws, V]
+    real_r: np.ndarray       # [V]
+
+    @property
+    def mean_r(self) -> float:
+        return float(self.r.mean())
+
+    @property
+    def threshold(self) -> float:
+        return float(np.quantile(self.r, 0.95))
+
+    @property
+    def fraction_above(self) -> float:
+        """Fraction of voxels whose real r exceeds the null's 95th percentile."""
+        return float((self.real_r > self.threshold).mean())
+
+    @property
+    def clearly_above(self) -> bool:
+        """The real mean r beats every draw's mean r, and twice the null's 5 % of voxels pass its threshold."""
+        return bool(self.real_r.mean() > self.r.mean(1).max() and self.fraction_above >= 0.10)
+
+
+def shuffled_null(refit, x_train, train_groups, x_test, real_r, *, n_draws: int = 5, seed: int = 0) -> NullScores:
+    """The same fit on features circularly shifted per story (train and test alike), ``n_draws`` times.
+
+    ``refit(x_train, x_test)`` must run exactly the fit that gave ``real_r`` (alpha
+    selection included) and return the test r per voxel; ``x_test`` may be None (an
+    outer cross-validation shifts the training stories only, which it also scores).
+    """
+    rng = np.random.default_rng([seed, 7919])
+    draws = []
+    for _ in range(n_draws):
+        shifted_train = circular_shift_blocks(x_train, train_groups, rng)
+        shifted_test = None if x_test is None else circular_shift_blocks(x_test, np.zeros(len(x_test), int), rng)
+        draws.append(np.asarray(refit(shifted_train, shifted_test), dtype=np.float32))
+    return NullScores(np.stack(draws), np.asarray(real_r, dtype=np.float32))

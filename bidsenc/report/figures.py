@@ -38,7 +38,14 @@ def brain_map(space, values: np.ndarray, title: str, *, vmax: float | None = Non
         return _brain_map(space, values, title, vmax, cmap)
 
 
+#: At most this many voxels are drawn as bars instead of a map (region or parcel time series).
+MAX_BAR_VOXELS = 60
+
+
 def _brain_map(space, values, title, vmax, cmap) -> str | None:
+    if len(values) <= MAX_BAR_VOXELS:  # a handful of regions: slices would be an empty box
+        return bars([f"voxel {i}" for i in range(len(values))] if space.kind != "volume" else _voxel_names(space),
+                    values, title, "value")
     if space.kind == "volume":
         import nibabel as nib
         from nilearn import plotting
@@ -67,6 +74,15 @@ def _brain_map(space, values, title, vmax, cmap) -> str | None:
         fig.suptitle(title)
         return embed(fig, title)
     return None
+
+
+def _voxel_names(space) -> list[str]:
+    """``i,j,k`` of each voxel of a volume space, in column order."""
+    order = space.to_volume(np.arange(1, space.n_voxels + 1, dtype=np.float32))
+    names = [""] * space.n_voxels
+    for ijk in zip(*np.nonzero(order)):
+        names[int(order[ijk]) - 1] = ",".join(str(int(c)) for c in ijk)
+    return names
 
 
 def _fsaverage_mesh(name: str | None, n_vertices) -> dict | None:

@@ -194,7 +194,34 @@ def group_tables(results, atlas: Atlas | None, threshold: float) -> dict[str, pd
                                            if subsets[metric].notna().any()], ignore_index=True)
     if stacking_rows:
         tables["stacking"] = pd.DataFrame(stacking_rows)
+    baselines = _against_baselines(results)
+    if not baselines.empty:
+        tables["baselines"] = baselines
     return tables
+
+
+def _against_baselines(results) -> pd.DataFrame:
+    """Per participant, each language or audio model's best layer against the best low-level baseline.
+
+    The best baseline is the one with the highest mean test r for that participant; ``gain``
+    is the model's mean r minus it, ``fraction_voxels_above`` the share of voxels where the
+    model's r is higher.
+    """
+    rows = []
+    for r in results:
+        baselines = [m for m in r.models if m.description.get("kind") == "lowlevel"]
+        if not baselines:
+            continue
+        top = max(baselines, key=lambda m: float(m.stat("r").mean()))
+        for m in r.models:
+            if m.description.get("kind") == "lowlevel":
+                continue
+            rows.append({"participant": r.participant, "model": m.name, "family": m.family,
+                         "mean_r": float(m.stat("r").mean()), "best_baseline": top.name,
+                         "baseline_mean_r": float(top.stat("r").mean()),
+                         "gain": float(m.stat("r").mean() - top.stat("r").mean()),
+                         "fraction_voxels_above": float((m.stat("r") > top.stat("r")).mean())})
+    return pd.DataFrame(rows)
 
 
 # --------------------------------------------------------------------------- group maps
@@ -285,14 +312,32 @@ def _sections(results, tables, maps, map_note, skipped, atlas, threshold) -> lis
                      relative_depth=("relative_depth", "mean"), mean_r=("mean_r", "mean"),
                      mean_r_ceiling=("mean_r_ceiling", "mean"), fraction_of_ceiling=("fraction_of_ceiling", "mean"))
                 .reset_index())
-    overview["parameters"] = overview["parameters"].map(lambda v: f"{int(v):,}" if v == v else "n/a")
+    overview["parameters"] = overview["parameters"].map(lambda v: f"{int(v):,}" if pd.notna(v) else "n/a")
     intro = [para(f"{len(results)} participants: {', '.join('sub-' + r.participant for r in results)}. "
                   "Scores are each model's best layer (chosen per participant by cross-validated training score), "
                   f"averaged over participants; 'ceiling' columns use voxels whose noise ceiling (CC_max from repeats, "
                   f"else the inter-subject ceiling) is at least {threshold:g}."),
              table(overview)]
     intro += [f'<div class="warn">{esc(s)}</div>' for s in skipped]
+    if "null_mean_r" in best:
+        null = best.groupby("model", sort=False)[["mean_r", "null_mean_r", "fraction_above_null"]].mean().reset_index()
+        intro += [para("Against a misaligned stimulus: each best layer refitted on its features circularly shifted "
+                       "in time within each story (mean over participants). 'fraction_above_null' is the share of "
+                       "voxels whose real r beats the misaligned fits' 95th percentile: about 0.05 by chance."),
+                  table(null.rename(columns={"null_mean_r": "misaligned_mean_r"}), "{:.3f}")]
+        weak = null[null["mean_r"] <= null["null_mean_r"] + 0.01]
+        intro += [f'<div class="warn">{esc(m)}: the real mean r is not clearly above the misaligned stimulus\'s; '
+                  "its maps may reflect slow signal rather than the stimulus</div>" for m in weak["model"]]
     out.append(("overview", "Overview", "\n".join(intro)))
+    if "baselines" in tables:
+        against = tables["baselines"].groupby("model", sort=False).agg(
+            family=("family", "first"), mean_r=("mean_r", "mean"), best_baseline=("best_baseline", "first"),
+            baseline_mean_r=("baseline_mean_r", "mean"), gain=("gain", "mean"),
+            fraction_voxels_above=("fraction_voxels_above", "mean")).reset_index()
+        out.append(("baselines", "Against low-level baselines", para(
+            "Each language and audio model's best layer against the best low-level baseline (word rate, phoneme "
+            "rate, audio envelope) of each participant, averaged over participants: a model worth reporting scores "
+            "well above how fast words come or how loud the sound is.") + table(against, "{:.3f}")))
 
     size_parts = []
     sized = regions[(regions["region"] == WHOLE_BRAIN)].dropna(subset=["n_parameters"])
@@ -318,7 +363,7 @@ def _sections(results, tables, maps, map_note, skipped, atlas, threshold) -> lis
                                                "one family at several sizes (e.g. OPT 125M, 350M, 1.3B).", "note")))
 
     own = [r for r in results if r.region_labels is not None]
-    if (atlas is not None or own) and not sizes.empty:
+    if atlas is not None or own:  # mean r per region always; slopes where a family has several sizes
         per_region = sizes[(sizes["region"] != WHOLE_BRAIN) & (sizes["metric"] == "mean_r")]
         parts = []
         for family, group in per_region.groupby("family"):
@@ -327,7 +372,12 @@ def _sections(results, tables, maps, map_note, skipped, atlas, threshold) -> lis
             parts.append(fig.bars(list(group["region"]), group["slope"].to_numpy(),
                                   f"{family}: slope per region", "r per tenfold parameters",
                                   None if np.isnan(err).all() else np.nan_to_num(err)))
-        region_means = (regions.groupby(["region", "model"])["mean_r"].mean().unstack("model"))
+        region_means = (regions.groupby(["region", "model"], sort=False)["mean_r"].mean().unstack("model"))
+        if not len(per_region):
+            names = [n for n in region_means.index if n != WHOLE_BRAIN][:24]
+            for model in region_means.columns:
+                parts.append(fig.bars(names, region_means.loc[names, model].to_numpy(), f"{model}: mean r per region",
+                                      "mean test r"))
         source = (f"Atlas: {atlas.source}." if atlas is not None else
                   f"Regions: each participant's own parcellation ({own[0].responses.get('regions', 'fMRIPrep')}, "
                   f"{len(own)} of {len(results)} participants).")

@@ -65,6 +65,8 @@ def _data_section(exp: dict) -> str:
 
 def _result_sections(result) -> list[tuple[str, str, str]]:
     info, space = result.responses, result.space
+    outer = str(info.get("scoring", "")).startswith("outer")
+    score = "outer-CV r" if outer else "test r"  # what r was computed on
     ceiling = result.cc_max
     threshold = float(info.get("ceiling_threshold", 0.3))
     out = []
@@ -83,16 +85,24 @@ def _result_sections(result) -> list[tuple[str, str, str]]:
         d = m.description
         r = m.stat("r")
         rows.append({"model": m.name, "kind": d.get("kind"), "family": m.family,
-                     "parameters": f"{d.get('n_parameters', 0):,}", "layers fitted": len(m.layers),
-                     "best layer": m.best_layer, "mean r": float(r.mean()),
+                     "parameters": f"{d['n_parameters']:,}" if d.get("n_parameters") else "n/a",
+                     "layers fitted": len(m.layers),
+                     "best layer": m.best_layer, f"mean {score}": float(r.mean()),
                      f"mean r (ceiling >= {threshold:g})": float(r[ceiling >= threshold].mean())
                      if ceiling is not None and (ceiling >= threshold).any() else np.nan,
-                     "voxels FDR-significant": int(m.fdr.sum())})
+                     "voxels FDR-significant": int(m.fdr.sum()),
+                     "misaligned mean r": float(m.null_r.mean()) if m.null_r is not None else np.nan,
+                     "voxels above misaligned 95%": float((r > np.quantile(m.null_r, 0.95)).mean())
+                     if m.null_r is not None else np.nan})
     models = pd.DataFrame(rows)
+    null_note = ("Misaligned: the best layer refitted on its features circularly shifted in time within each "
+                 "story (several draws), which keeps their own slow structure but breaks their alignment with "
+                 "the responses; a model that tracks the stimulus scores well above it (about 5% of voxels pass "
+                 "the misaligned 95th percentile by chance). ")
     out.append(("models", "Models", para("Best layer: the highest mean cross-validated training score over "
-                                         "fitted voxels (never the test score).") + table(models)))
+                                         "fitted voxels (never the test score). " + null_note) + table(models)))
 
-    maps = [fig.brain_map(space, result.full(m.stat("r")), f"{m.name}, layer {m.best_layer}: test r")
+    maps = [fig.brain_map(space, result.full(m.stat("r")), f"{m.name}, layer {m.best_layer}: {score}")
             for m in result.models]
     top = max(result.models, key=lambda m: float(m.stat("r").mean())) if result.models else None
     if top is not None and ceiling is not None:
@@ -113,8 +123,9 @@ def _result_sections(result) -> list[tuple[str, str, str]]:
     cv_marks = {m.name: (marks[m.name][0], float(m.stat("cv_score").mean())) for m in result.models}
     if curves:
         out.append(("layers", "Layers", _figs(
-            fig.lines(curves, "test r by layer (star: chosen layer)", "relative depth", "mean test r", marks=marks),
-            fig.lines(cv, "cross-validated training score by layer", "relative depth", "mean validation r",
+            fig.lines(curves, f"{score} by layer (star: chosen layer)", "relative depth", f"mean {score}",
+                      marks=marks),
+            fig.lines(cv, "cross-validated training score by layer", "relative depth", "mean validation R²",
                       marks=cv_marks))))
 
     if ceiling is not None:
@@ -123,8 +134,8 @@ def _result_sections(result) -> list[tuple[str, str, str]]:
         parts = [fig.histogram({name: ceiling}, "noise ceiling", name),
                  fig.brain_map(space, result.full(ceiling), f"noise ceiling ({name})", vmax=1.0)]
         if top is not None:
-            parts.append(fig.scatter(ceiling, top.stat("r"), f"{top.name}: test r against the ceiling", name,
-                                     "test r", diagonal=True))
+            parts.append(fig.scatter(ceiling, top.stat("r"), f"{top.name}: {score} against the ceiling", name,
+                                     score, diagonal=True))
         what = (info["noise_ceiling"].get("description", "") if intersubject
                 else f"CC_max from {info.get('n_test_repeats')} repeats of the test stories")
         out.append(("ceiling", "Noise ceiling", para(

@@ -27,6 +27,8 @@ from .stimuli import SAMPLE_RATE, make_story_words, make_vocabulary, synthesize_
 TR = 2.0
 #: Audio window step of the demo's config, in seconds (the reference, and bidsenc's default, is 0.1).
 DEMO_AUDIO_STEP = 0.5
+#: Low-level baseline feature spaces of the demo's config.
+DEMO_BASELINES = ("word_rate", "envelope")
 SHAPE = (24, 24, 14)
 VOXEL_MM = 3.0
 TRAIN_STORIES = ("lighthouse", "orchard", "harbor", "glacier", "market", "canyon", "meadow", "lantern")
@@ -319,6 +321,10 @@ def _write_config(directory: Path) -> None:
             # well under TR / 2 (docs/benchmarks.md measures the difference)
             lines += [f"step = {DEMO_AUDIO_STEP}"]
         lines += [""]
+    # the low-level baselines every model is reported against (the demo's stories have phones only in
+    # some of their word-timing files, so phoneme rate is left out)
+    for baseline in DEMO_BASELINES:
+        lines += ["[[features]]", 'kind = "lowlevel"', f'model = "{baseline}"', ""]
     (directory / "bidsenc.toml").write_text("\n".join(lines))
 
 
