@@ -126,8 +126,10 @@ def _fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, devic
              int(valid.sum()), len(folds))
 
     threshold = cfg.outputs.ceiling_threshold
-    will_stack = m.stacking and len(spaces) >= 2 and not reference and not outer
-    will_band = m.banded and len(spaces) >= 2 and not outer
+    # low-level baselines are controls to compare models with, not feature spaces to combine
+    n_models = sum(fs.spec.kind != "lowlevel" for fs in spaces)
+    will_stack = m.stacking and n_models >= 2 and not reference and not outer
+    will_band = m.banded and n_models >= 2 and not outer
     will_scale = bool(m.data_scaling_seeds) and not outer
     if m.banded and not will_band:
         log.info("sub-%s: banded ridge needs two feature spaces or more and a test story", label)
@@ -173,12 +175,14 @@ def _fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, devic
                  "significant (FDR q=%.2f)", fs.name, chosen.layer, float(chosen.test_r.mean()),
                  int(discoveries.sum()), m.fdr_q)
         # the chosen layer's design serves stacking, banded ridge and data scaling
-        joint["names"].append(fs.name)
-        if will_stack:
+        combined = fs.spec.kind != "lowlevel"
+        if combined:
+            joint["names"].append(fs.name)
+        if will_stack and combined:
             joint["oof"].append(out_of_fold_predictions(x_train, y_train, folds, chosen.alphas, device=device,
                                                         mem_gb=cfg.execution.mem_gb))
             joint["test_predictions"].append(chosen.predictions)
-        if will_band:
+        if will_band and combined:
             joint["x_train"].append(x_train)
             joint["x_test"].append(x_test)
         if will_scale:

@@ -42,6 +42,10 @@ def test_demo_command(tmp_path):
     best = summary[summary["best"] & ~summary["model"].isin(["stacked", "banded"])]
     assert len(best) == 7 and best["null_mean_r"].notna().all() and best["fraction_above_null"].notna().all()
     assert {"lowlevel-word_rate", "lowlevel-envelope"} <= set(best["model"])
+    from bidsenc.derivatives import read_participant
+
+    stacked = read_participant(out, "01").stacked
+    assert len(stacked.names) == 5 and not any(n.startswith("lowlevel-") for n in stacked.names)  # models only
     group = (out / "group.html").read_text()
     assert "Against low-level baselines" in group and "misaligned_mean_r" in group
     baselines = pd.read_csv(out / "group" / "desc-baselines_summary.tsv", sep="\t")
