@@ -126,8 +126,12 @@ class ModelConfig:
     #: Stories for the test set (default: those heard more than once).
     test_stories: tuple[str, ...] = ()
     n_folds: int = 5
-    #: Alpha grid: "default" (logspace(-2, 8, 21) in himalaya's convention) or "reference".
+    #: Alpha grid: "default" (logspace(0, 10, 21) in himalaya's convention) or "reference".
     alphas: str = "default"
+    #: Validation score that chooses each voxel's alpha: "r2", "r", or "reference" (the reference
+    #: code's bootstrap_ridge(use_corr=False) score); None: "reference" under the reference preset,
+    #: else "r2".
+    cv_score: str | None = None
     #: Floor of CC_max (the reference uses 0.25); none by default.
     ceiling_floor: float | None = None
     #: Significance by circular shifts of the prediction against the test response.
@@ -388,6 +392,8 @@ def _validate(cfg: RunConfig) -> None:
         raise UsageError(f"alphas {m.alphas!r}: choose default or reference")
     if m.clean not in ("auto", "detrend", "none"):
         raise UsageError(f"clean {m.clean!r}: choose auto, detrend or none")
+    if m.cv_score not in (None, "r", "r2", "reference"):
+        raise UsageError(f"cv_score {m.cv_score!r}: choose r, r2 or reference")
     if m.high_pass is not None and (isinstance(m.high_pass, bool) or not isinstance(m.high_pass, int | float)
                                     or not 0 <= m.high_pass < 0.1):
         raise UsageError(f"high_pass {m.high_pass!r}: a cutoff in Hz from 0 (none) to below 0.1, e.g. 1/128 = 0.0078")

@@ -109,6 +109,7 @@ def _fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, devic
     folds = leave_stories_out(resp.train_groups, m.n_folds, seed, gap) if outer else \
         _folds(resp.train_groups, reference, m.n_folds, seed, gap)
     alphas = alpha_grid("reference" if reference else m.alphas)
+    score = m.cv_score or ("reference" if reference else "r2")
     valid = resp.valid
     y_train = resp.train[:, valid]
     y_test = y_train if outer else resp.test[:, valid]
@@ -127,7 +128,7 @@ def _fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, devic
 
     threshold = cfg.outputs.ceiling_threshold
     # low-level baselines are controls to compare models with, not feature spaces to combine
-    n_models = sum(fs.spec.kind != "lowlevel" for fs in spaces)
+    n_models = sum(not _is_baseline(fs) for fs in spaces)
     will_stack = m.stacking and n_models >= 2 and not reference and not outer
     will_band = m.banded and n_models >= 2 and not outer
     will_scale = bool(m.data_scaling_seeds) and not outer
@@ -143,10 +144,10 @@ def _fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, devic
             x_train, x_test = features_for(resp, _layer_features(fs, experiment.stories, layer), settings)
             if outer:
                 fit = evaluate_layer_outer(layer, x_train, y_train, resp.train_groups, folds, alphas,
-                                           n_inner=m.n_folds, seed=seed, gap=gap, device=device,
+                                           n_inner=m.n_folds, seed=seed, gap=gap, score=score, device=device,
                                            mem_gb=cfg.execution.mem_gb)
             else:
-                fit = evaluate_layer(layer, x_train, y_train, x_test, y_test, folds, alphas, device=device,
+                fit = evaluate_layer(layer, x_train, y_train, x_test, y_test, folds, alphas, score=score, device=device,
                                      mem_gb=cfg.execution.mem_gb, return_weights=m.save_weights)
             fits.append(fit)
             layer_rows.append(_summary_row(fs, fit, ceil_v, threshold))
@@ -159,7 +160,7 @@ def _fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, devic
         null = None
         if m.null_draws:
             null = _shuffled_null(fs.name, chosen, x_train, x_test, y_train, y_test, resp.train_groups, folds,
-                                  alphas, outer, gap, cfg, device)
+                                  alphas, outer, gap, score, cfg, device)
             layer_rows[fits.index(chosen)].update(null_mean_r=null.mean_r, null_r95=null.threshold,
                                                   fraction_above_null=null.fraction_above)
         scored = _held_out(y_train, folds) if outer else y_test
@@ -175,7 +176,7 @@ def _fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, devic
                  "significant (FDR q=%.2f)", fs.name, chosen.layer, float(chosen.test_r.mean()),
                  int(discoveries.sum()), m.fdr_q)
         # the chosen layer's design serves stacking, banded ridge and data scaling
-        combined = fs.spec.kind != "lowlevel"
+        combined = not _is_baseline(fs)
         if combined:
             joint["names"].append(fs.name)
         if will_stack and combined:
@@ -187,7 +188,7 @@ def _fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, devic
             joint["x_test"].append(x_test)
         if will_scale:
             scaling_rows += _data_scaling(fs.name, chosen.layer, x_train, x_test, resp, y_train, y_test, alphas,
-                                          ceil_v, cfg, tr, gap, device)
+                                          ceil_v, cfg, tr, gap, score, device)
 
     stacked = banded = None
     if will_stack:
@@ -206,7 +207,7 @@ def _fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, devic
         "test_stories": test_stories, "n_test_repeats": 0 if outer else int(len(resp.test_repeats)),
         "n_test_volumes": 0 if outer else int(len(y_test)), "n_train_volumes": int(len(y_train)),
         "scoring": _scoring(outer, resp, len(folds), gap, tr),
-        "noise_ceiling": ceiling_info,
+        "noise_ceiling": ceiling_info, "cv_score": score,
         "train_stories": resp.story_names, "preset": m.preset,
         "delays_trs": settings.delay_trs(experiment.runs[0].tr), "tr": experiment.runs[0].tr,
         "notes": resp.notes}
@@ -219,17 +220,24 @@ def _fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, devic
                              labels, names)
 
 
-def _shuffled_null(name, chosen, x_train, x_test, y_train, y_test, groups, folds, alphas, outer, gap, cfg, device):
+def _is_baseline(fs) -> bool:
+    """A low-level baseline (word rate, envelope, ...), not a model."""
+    return fs.describe().get("kind") == "lowlevel"
+
+
+def _shuffled_null(name, chosen, x_train, x_test, y_train, y_test, groups, folds, alphas, outer, gap, score, cfg,
+                   device):
     """The chosen layer refitted on features circularly shifted per story: what a misaligned stimulus scores."""
     m = cfg.models
     seed, mem = cfg.execution.random_seed, cfg.execution.mem_gb
     if outer:
         def refit(xs, _):
             return evaluate_layer_outer(chosen.layer, xs, y_train, groups, folds, alphas, n_inner=m.n_folds,
-                                        seed=seed, gap=gap, device=device, mem_gb=mem).test_r
+                                        seed=seed, gap=gap, score=score, device=device, mem_gb=mem).test_r
     else:
         def refit(xs, xt):
-            return fit_and_score(xs, y_train, xt, y_test, folds, alphas, device=device, mem_gb=mem)["test_r"]
+            return fit_and_score(xs, y_train, xt, y_test, folds, alphas, score=score, device=device,
+                                 mem_gb=mem)["test_r"]
     t0 = time.perf_counter()
     null = shuffled_null(refit, x_train, groups, None if outer else x_test, chosen.test_r, n_draws=m.null_draws,
                          seed=seed)
@@ -365,7 +373,7 @@ def _subset_folds(groups, reference: bool, n_folds: int, seed: int, gap: int):
     raise AssertionError("unreachable")
 
 
-def _data_scaling(name, layer, x_train, x_test, resp, y_train, y_test, alphas, ceil_v, cfg, tr, gap,
+def _data_scaling(name, layer, x_train, x_test, resp, y_train, y_test, alphas, ceil_v, cfg, tr, gap, score,
                   device) -> list[dict]:
     """Test scores of one model's best layer fitted on random subsets of 1, 2, 4, ... training stories.
 
@@ -393,7 +401,7 @@ def _data_scaling(name, layer, x_train, x_test, resp, y_train, y_test, alphas, c
                 if repeat == 0:
                     log.info("data scaling, %s, %d of %d stories: skipped (%s)", name, n, n_units, err.message)
                 continue
-            out = fit_and_score(x_train[rows_in], y_train[rows_in], x_test, y_test, folds, alphas,
+            out = fit_and_score(x_train[rows_in], y_train[rows_in], x_test, y_test, folds, alphas, score=score,
                                 device=device, mem_gb=cfg.execution.mem_gb)
             r = out["test_r"]
             stories = [sid for g in picked for sid in stories_of[int(g)]]

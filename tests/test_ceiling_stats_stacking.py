@@ -153,7 +153,7 @@ def test_explainable_variance_recovers_truth(n_repeats):
     assert abs(raw.mean() - (var_s + var_n / n_repeats) / (var_s + var_n)) < 0.03
     # Voxelwise-tutorials formula (ddof=1): the ratio does not depend on ddof.
     tutorial = rep.mean(axis=0).var(axis=0, ddof=1) / rep.var(axis=1, ddof=1).mean(axis=0)
-    np.testing.assert_allclose(raw, tutorial, rtol=1e-12)
+    np.testing.assert_allclose(raw, tutorial, rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(corrected, tutorial - (1 - tutorial) / (n_repeats - 1), rtol=0, atol=1e-12)
     # Noise only: corrected ev centres on 0 (negative values allowed, not clipped).
     noise_ev = ceiling.explainable_variance(_zscore_runs(rng.standard_normal((n_repeats, 300, 2000))))
@@ -396,7 +396,10 @@ def test_stacked_prediction_beats_every_single_space_on_training_data():
     preds = preds + 0.5 * rng.standard_normal(preds.shape)  # imperfect out-of-fold predictions
     W = stacking.stack_weights(preds, responses)
     combined = stacking.stacked_prediction(W, preds)
-    np.testing.assert_allclose(combined, np.einsum("jv,jtv->tv", W, preds), rtol=1e-12)
+    # float64 sums in another order: exact to rounding relative to the predictions' scale (elements near
+    # zero differ by ~1e-16 absolutely, which a relative tolerance alone calls a failure)
+    scale = np.abs(preds).max()
+    np.testing.assert_allclose(combined, np.einsum("jv,jtv->tv", W, preds), rtol=1e-12, atol=1e-12 * scale)
     mse = ((responses - combined) ** 2).mean(axis=0)
     single = ((responses[None] - preds) ** 2).mean(axis=1)
     assert np.all(mse <= single.min(axis=0) + 1e-12)

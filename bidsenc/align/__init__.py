@@ -143,13 +143,35 @@ def run_features(run: Run, story_features: dict, settings: AlignSettings) -> np.
     return total
 
 
-def delay(x: np.ndarray, delays: list[int]) -> np.ndarray:
-    """FIR copies ``x[t - d]`` side by side for each delay ``d`` (TRs), zeros before the start."""
+def delay(x: np.ndarray, delays: list[int], *, circular: bool = False) -> np.ndarray:
+    """FIR copies ``x[t - d]`` side by side, one block of columns per delay ``d`` (in rows, e.g. TRs).
+
+    Parameters
+    ----------
+    x : np.ndarray, shape (n, p)
+        Features, one row per time point.
+    delays : list of int
+        Positive delays look back (the response at ``t`` sees the stimulus at ``t - d``);
+        negative ones look ahead; 0 copies ``x``.
+    circular : bool
+        Wrap around the ends (``np.roll``), as the reference's option does; by default the
+        rows shifted in are zeros.
+
+    Returns
+    -------
+    np.ndarray, shape (n, p * len(delays))
+    """
+    x = np.asarray(x)
     n, p = x.shape
     out = np.zeros((n, p * len(delays)), dtype=x.dtype)
-    for k, d in enumerate(delays):
-        if d < n:
-            out[d:, k * p:(k + 1) * p] = x[: n - d] if d > 0 else x
+    for k, d in enumerate(int(d) for d in delays):
+        block = out[:, k * p:(k + 1) * p]
+        if circular:
+            block[:] = np.roll(x, d, axis=0)
+        elif d >= 0:
+            block[d:] = x[: max(n - d, 0)]
+        else:
+            block[: max(n + d, 0)] = x[-d:]
     return out
 
 
@@ -164,11 +186,24 @@ def kept_rows(run: Run, settings: AlignSettings, test: bool) -> np.ndarray:
     return np.flatnonzero(keep)
 
 
-def zscore(x: np.ndarray) -> np.ndarray:
-    """Columns to zero mean and unit variance (ddof 0); constant columns become 0."""
+#: A column whose standard deviation is at most this fraction of its root mean square is constant:
+#: its spread is rounding (100 copies of 4.2 have a computed standard deviation of 8e-15).
+CONSTANT_RTOL = 1e-12
+
+
+def constant_columns(x: np.ndarray) -> np.ndarray:
+    """True for columns of ``x`` that are constant up to rounding (computed in float64)."""
     x = np.asarray(x, dtype=np.float64)
     sd = x.std(0)
-    return np.divide(x - x.mean(0), sd, out=np.zeros_like(x), where=sd > 0)
+    return ~(sd > CONSTANT_RTOL * np.sqrt((x * x).mean(0)))
+
+
+def zscore(x: np.ndarray) -> np.ndarray:
+    """Columns to zero mean and unit variance (ddof 0); constant columns (up to rounding) become 0."""
+    x = np.asarray(x, dtype=np.float64)
+    sd = x.std(0)
+    varies = ~constant_columns(x)
+    return np.divide(x - x.mean(0), sd, out=np.zeros_like(x), where=varies)
 
 
 def temporal_filter(x: np.ndarray, tr: float, settings: AlignSettings,
@@ -211,5 +246,5 @@ def delay_concatenated(blocks: list[np.ndarray], settings: AlignSettings, tr: fl
     return delay(np.vstack(blocks), settings.delay_trs(tr))
 
 
-__all__ = ["AlignSettings", "delay", "delay_concatenated", "kept_rows", "lanczos_kernel", "lanczos_resample",
+__all__ = ["CONSTANT_RTOL", "AlignSettings", "constant_columns", "delay", "delay_concatenated", "kept_rows", "lanczos_kernel", "lanczos_resample",
            "run_design", "run_features", "temporal_filter", "volume_times", "zscore"]

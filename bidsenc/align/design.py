@@ -15,7 +15,7 @@ import numpy as np
 
 from ..bids.experiment import Run
 from ..errors import DataError
-from . import AlignSettings, delay_concatenated, kept_rows, run_design, temporal_filter, zscore
+from . import AlignSettings, constant_columns, delay_concatenated, kept_rows, run_design, temporal_filter, zscore
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,8 @@ def split_responses(runs: list[Run], responses: list[np.ndarray], test_stories: 
     for i, (run, y) in enumerate(zip(runs, responses, strict=True)):
         if y.shape[0] != run.n_volumes:
             raise DataError(f"{run.name}: {y.shape[0]} volumes read, {run.n_volumes} expected")
-        valid &= np.isfinite(y).all(0) & (np.nanstd(y, axis=0) > 0)
+        finite = np.isfinite(y).all(0)
+        valid &= finite & ~constant_columns(np.where(finite, y, 0.0))
         cleaned.append(clean_run(y, run, settings, confounds[i] if confounds else None))
 
     train_runs = [r for r in runs if not _is_test(r, test_stories)]

@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--confounds", nargs="+", metavar="NAME",
                    help="fMRIPrep confounds to regress out of each run, by column name or pattern, e.g. "
                    "'trans_?' 'rot_?' 'a_comp_cor_0[0-4]' (default: none)")
+    g.add_argument("--cv-score", choices=("r", "r2", "reference"),
+                   help="validation score that chooses each voxel's alpha: r2, r, or reference (the reference "
+                   "code's bootstrap_ridge(use_corr=False) score) (default: reference under --preset reference, "
+                   "else r2)")
     g.add_argument("--high-pass", type=_high_pass, metavar="HZ",
                    help="cosine high-pass cutoff applied per run to the responses and the features alike; 0 or "
                    "none turns it off (default: 1/128 Hz for raw and fMRIPrep inputs; none for ds003020's "

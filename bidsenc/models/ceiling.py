@@ -6,7 +6,7 @@ Conventions shared by every function in this module
 ----------------------------------------------------
 * Shapes: ``repeats`` is ``(R, T, V)`` (repeats x time points x voxels) and
   ``responses`` is ``(P, T, V)`` (participants x time x voxels).  The caller is
-  responsible for z-scoring each repeat per run beforehand (see methods.md, section 6).
+  responsible for z-scoring each repeat per run beforehand (bidsenc.align.design does).
 * Arithmetic is float64 whatever the input dtype (float32 is accepted and converted
   chunk by chunk, so memory stays bounded for 100k-voxel inputs).
 * Variances use ``ddof=0`` throughout.  The choice does not change any result here:

@@ -42,18 +42,18 @@ class LayerFit:
         return np.stack([self.test_r, self.test_r2, norm, self.alphas, self.cv_score], axis=-1).astype(np.float32)
 
 
-def evaluate_layer(layer: int, x_train, y_train, x_test, y_test, folds, alphas, *, device="cpu",
+def evaluate_layer(layer: int, x_train, y_train, x_test, y_test, folds, alphas, *, score="r2", device="cpu",
                    mem_gb=None, return_weights=False) -> LayerFit:
-    """Cross-validated ridge on the training rows, scored on the test rows."""
-    out = fit_and_score(x_train, y_train, x_test, y_test, folds, alphas, return_predictions=True, device=device,
-                        mem_gb=mem_gb, return_weights=return_weights)
+    """Cross-validated ridge on the training rows (alphas chosen by ``score``), scored on the test rows."""
+    out = fit_and_score(x_train, y_train, x_test, y_test, folds, alphas, score=score, return_predictions=True,
+                        device=device, mem_gb=mem_gb, return_weights=return_weights)
     weights = np.asarray(out["weights"], dtype=np.float32) if return_weights else None
     return LayerFit(layer, out["test_r"], out["test_r2"], out["alphas"], out["cv_score"], out["predictions"],
                     out["valid"], weights)
 
 
 def evaluate_layer_outer(layer: int, x, y, groups, outer_folds, alphas, *, n_inner: int = 5, seed: int = 0,
-                         gap: int = 5, device="cpu", mem_gb=None) -> LayerFit:
+                         gap: int = 5, score="r2", device="cpu", mem_gb=None) -> LayerFit:
     """Scores without a test story: an outer leave-stories-out loop around the cross-validated ridge.
 
     Each outer fold's held-out stories are predicted by a model whose alphas were chosen
@@ -68,7 +68,7 @@ def evaluate_layer_outer(layer: int, x, y, groups, outer_folds, alphas, *, n_inn
     log_alphas, cv_scores, valid = [], [], np.ones(y.shape[1], dtype=bool)
     for train, test in outer_folds:
         inner = leave_stories_out(groups[train], n_inner, seed, gap)
-        out = fit_and_score(x[train], y[train], x[test], y[test], inner, alphas, return_predictions=True,
+        out = fit_and_score(x[train], y[train], x[test], y[test], inner, alphas, score=score, return_predictions=True,
                             device=device, mem_gb=mem_gb)
         pred[test] = out["predictions"]
         scored[test] = True

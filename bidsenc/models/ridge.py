@@ -26,8 +26,10 @@ is the one of scikit-learn and himalaya (``||X w - y||^2 + alpha ||w||^2``).
   caller gives (leave-stories-out ``(train_idx, val_idx)`` pairs).  The score of an
   alpha for a voxel is the mean over folds of the validation score: ``"r2"`` (default,
   the coefficient of determination ``1 - SSE/SST`` on the validation rows, 0 where the
-  validation rows are constant), ``"r"`` (Pearson correlation, 0 where undefined) or
-  ``"neg_mse"`` (minus the mean squared error: himalaya's default ``l2_neg_loss``).
+  validation rows are constant), ``"r"`` (Pearson correlation, 0 where undefined; the
+  reference's ``use_corr=True``), ``"neg_mse"`` (minus the mean squared error: himalaya's
+  default ``l2_neg_loss``) or ``"reference"`` (the reference's ``use_corr=False`` score, see
+  :func:`ridge_cv`).
   Fold scores are float32 (float64 in float64 mode); their mean is taken in float64.
   The best alpha wins; ties go to the **larger** alpha (as in himalaya, which adds
   ``1e-10 * log(alpha)`` to the mean scores before the argmax; so do we, which makes the
@@ -113,7 +115,7 @@ REFERENCE_ALPHAS = np.logspace(1, 4, 15)
 #: bidsenc's default alpha grid (himalaya/scikit-learn units): 1 to 1e10 in half decades.
 DEFAULT_ALPHAS = np.logspace(0, 10, 21)
 #: Validation scores available for choosing alpha.
-SCORES = ("r2", "r", "neg_mse")
+SCORES = ("r2", "r", "neg_mse", "reference")
 
 # Score given to alphas that a fold's negative eigenvalues make meaningless (himalaya's value).
 _UNSELECTABLE = -1e5
@@ -338,6 +340,13 @@ def _validation_scores(P, Yva, score: str):
         num = P.sum(1)
         den = torch.sqrt(pp * yy)
         return torch.where(den > 0, num / torch.where(den > 0, den, 1), zero)
+    if score == "reference":
+        # bootstrap_ridge(use_corr=False) of the reference code: R^2 against (1 + var(y)) / 2 (it
+        # assumes z-scored validation rows), reported as sign(R^2) sqrt(|R^2|); variances ddof 0.
+        P.sub_(Yva)
+        residual_var = P.var(1, correction=0)
+        r2 = 1 - residual_var / ((1 + Yva.var(0, correction=0)) / 2)
+        return torch.sign(r2) * torch.sqrt(r2.abs())
     # Squared residuals summed over rows exactly as himalaya does (float32, one reduction
     # over the row axis): near-ties among noise voxels, whose scores differ by ~1e-7, are
     # then decided by the same rounding, not by ours (vector_norm accumulates 7x worse).
@@ -351,17 +360,27 @@ def _validation_scores(P, Yva, score: str):
 
 
 def _column_scores(Y, P):
-    """Pearson r and R^2 per column of ``Y`` and ``P`` (samples x columns), 0 where undefined."""
+    """Pearson r and R^2 per column of ``Y`` and ``P`` (samples x columns), 0 where undefined.
+
+    A column is constant when its spread is rounding relative to its values (variance at most
+    :data:`_CONSTANT_RTOL` of the mean square in float64, ``1e-10`` in lower precision): 100
+    copies of 4.2 have a computed standard deviation of 8e-15, not 0.
+    """
     torch = _backend._torch()
     zero = torch.zeros((), dtype=P.dtype, device=P.device)
-    yc = Y - Y.mean(0)
-    pc = P - P.mean(0)
+    rtol = _CONSTANT_RTOL if P.dtype == torch.float64 else 1e-10
+    n = Y.shape[0]
+    my, mp = Y.mean(0), P.mean(0)
+    yc = Y - my
+    pc = P - mp
     yy = (yc * yc).sum(0)
     pp = (pc * pc).sum(0)
-    den = torch.sqrt(yy * pp)
-    r = torch.where(den > 0, (yc * pc).sum(0) / torch.where(den > 0, den, 1), zero)
+    y_varies = yy > rtol * (yy + n * my * my)
+    both_vary = y_varies & (pp > rtol * (pp + n * mp * mp))
+    den = torch.sqrt(torch.where(both_vary, yy * pp, 1))
+    r = torch.where(both_vary, (yc * pc).sum(0) / den, zero)
     sse = ((Y - P) ** 2).sum(0)
-    r2 = torch.where(yy > 0, 1 - sse / torch.where(yy > 0, yy, 1), zero)
+    r2 = torch.where(y_varies, 1 - sse / torch.where(y_varies, yy, 1), zero)
     return r, r2
 
 
@@ -708,8 +727,11 @@ def ridge_cv(X_train, Y_train, folds, alphas=DEFAULT_ALPHAS, *, device="cpu", dt
         ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
     dtype : {"float32", "float64"}
         Arithmetic precision.
-    score : {"r2", "r", "neg_mse"}
-        Validation score averaged over folds to choose alpha.
+    score : {"r2", "r", "neg_mse", "reference"}
+        Validation score averaged over folds to choose alpha. ``"reference"`` is the score of
+        the reference code's ``bootstrap_ridge(use_corr=False)``: ``sign(R2) sqrt(|R2|)`` with
+        ``R2 = 1 - var(y - p) / ((1 + var(y)) / 2)`` over the validation rows (variances
+        with ddof 0; it assumes z-scored validation data); ``use_corr=True`` is ``"r"``.
     voxel_batch : int, optional
         Voxels per batch; default from the device's free memory (GPU) or ``mem_gb`` (CPU).
     mem_gb : float, optional

@@ -21,6 +21,9 @@ from .html import figures as _figs
 
 log = logging.getLogger(__name__)
 
+#: How each cross-validation score reads on an axis.
+_CV_LABELS = {"r2": "R²", "r": "r", "reference": "sign(R²)·sqrt|R²| (reference)"}
+
 
 def write_participant_report(output_dir: Path, label: str, experiment: dict | None, warnings: list[str],
                              error: str | None = None) -> Path:
@@ -125,7 +128,8 @@ def _result_sections(result) -> list[tuple[str, str, str]]:
         out.append(("layers", "Layers", _figs(
             fig.lines(curves, f"{score} by layer (star: chosen layer)", "relative depth", f"mean {score}",
                       marks=marks),
-            fig.lines(cv, "cross-validated training score by layer", "relative depth", "mean validation R²",
+            fig.lines(cv, "cross-validated training score by layer", "relative depth",
+                      f"mean validation {_CV_LABELS.get(info.get('cv_score', 'r2'), 'score')}",
                       marks=cv_marks))))
 
     if ceiling is not None:
