@@ -38,9 +38,10 @@ from .results import BandedResult, ModelResult, ParticipantResult, model_family,
 log = logging.getLogger(__name__)
 
 
-#: Below this many voxels a fit runs on one CPU thread: BLAS's and torch's thread pools spin and
-#: stall on such small problems when the machine is busy (minutes instead of seconds).
-SMALL_PROBLEM_VOXELS = 2000
+#: Below this many response values (voxels x volumes) a fit runs on one CPU thread: BLAS's and
+#: torch's thread pools spin and stall on such small problems when the machine is busy (minutes
+#: instead of seconds), and one thread is about as fast when it is not.
+SMALL_PROBLEM_ELEMENTS = 20_000_000
 
 
 def fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, device: str,
@@ -54,7 +55,7 @@ def fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, device
     from threadpoolctl import threadpool_limits
 
     threads = torch.get_num_threads()
-    small = str(device).startswith("cpu") and _n_voxels(experiment) < SMALL_PROBLEM_VOXELS
+    small = str(device).startswith("cpu") and _problem_size(experiment) < SMALL_PROBLEM_ELEMENTS
     if not small:
         return _fit_participant(cfg, experiment, spaces, device, peers)
     torch.set_num_threads(1)
@@ -65,17 +66,18 @@ def fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, device
         torch.set_num_threads(threads)
 
 
-def _n_voxels(experiment: Experiment) -> int:
-    """Voxels per volume of the first run, read from its header (an upper bound on those fitted)."""
+def _problem_size(experiment: Experiment) -> int:
+    """Voxels per volume (from the first run's header: an upper bound on those fitted) x all volumes."""
     run = experiment.runs[0]
     if run.bold.kind != "nifti":
-        return SMALL_PROBLEM_VOXELS  # surfaces and ds003020 responses are large
+        return SMALL_PROBLEM_ELEMENTS  # surfaces and ds003020 responses are large
     import nibabel as nib
 
     try:
-        return int(np.prod(nib.load(run.bold.paths[0]).shape[:3]))
+        voxels = int(np.prod(nib.load(run.bold.paths[0]).shape[:3]))
     except Exception:  # unreadable files are reported where the responses are loaded
-        return SMALL_PROBLEM_VOXELS
+        return SMALL_PROBLEM_ELEMENTS
+    return voxels * sum(r.n_volumes for r in experiment.runs)
 
 
 def _fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, device: str,

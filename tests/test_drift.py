@@ -207,7 +207,7 @@ def test_mask_is_checked_before_features_and_chooses_the_voxels(tmp_path, capsys
 
 
 def test_small_problems_are_fitted_on_one_thread(tmp_path, monkeypatch):
-    """BLAS thread pools stall on a few voxels under load: one thread below SMALL_PROBLEM_VOXELS."""
+    """BLAS thread pools stall on small problems under load: one thread below SMALL_PROBLEM_ELEMENTS."""
     import torch
     from threadpoolctl import threadpool_info
 
@@ -216,6 +216,7 @@ def test_small_problems_are_fitted_on_one_thread(tmp_path, monkeypatch):
     from bidsenc.cli.run import configure
 
     seen = []
+    monkeypatch.setattr(fit, "SMALL_PROBLEM_ELEMENTS", 50_000)  # 900 voxels x 38 volumes below, 3,600 above
     monkeypatch.setattr(fit, "_fit_participant", lambda *a: seen.append(
         (torch.get_num_threads(), max(p["num_threads"] for p in threadpool_info()))))
     before = torch.get_num_threads()
