@@ -12,6 +12,8 @@ import dataclasses
 import os
 import re
 import tomllib
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -132,8 +134,15 @@ class ModelConfig:
     #: code's bootstrap_ridge(use_corr=False) score); None: "reference" under the reference preset,
     #: else "r2".
     cv_score: str | None = None
-    #: Floor of CC_max (the reference uses 0.25); none by default.
+    #: Floor applied to CC_max; none by default, and none under the reference preset either (its
+    #: callers pass 0.25, but the line of its function that would apply a floor is commented out).
     ceiling_floor: float | None = None
+    #: The reference preset's alpha selection (the reference's bootstrap_ridge): this many splits,
+    #: each holding out ``bootstrap_chunks`` random chunks of ``bootstrap_chunk_len`` consecutive
+    #: training volumes (None: 20% of the chunks). Defaults: the ds003020 encoding script's 50 and 40.
+    bootstraps: int = 50
+    bootstrap_chunk_len: int = 40
+    bootstrap_chunks: int | None = None
     #: Significance by circular shifts of the prediction against the test response.
     n_permutations: int = 1000
     fdr_q: float = 0.05
@@ -249,9 +258,16 @@ def build_config(cli: dict, config_file: Path | None = None) -> RunConfig:
                 "expected [inputs], [execution], [models], [outputs] and [[features]]"
             )
         for section in _SECTIONS:
-            merged[section].update(file_values.get(section, {}))
+            table = file_values.get(section, {})
+            if not isinstance(table, dict):
+                raise UsageError(f"{config_file}: {section} must be a table, [{section}]")
+            merged[section].update(table)
         if "features" in file_values:
-            features = tuple(FeatureSpec.from_dict(d) for d in file_values["features"])
+            entries = file_values["features"]
+            if not isinstance(entries, list) or not all(isinstance(d, dict) for d in entries):
+                raise UsageError(f"{config_file}: write each feature space as an array entry [[features]] "
+                                 "(double brackets) with kind and model, e.g. kind = \"lm\"")
+            features = tuple(FeatureSpec.from_dict(d) for d in entries)
     for section in _SECTIONS:
         merged[section].update(cli.get(section, {}))
     merged["execution"].setdefault("work_dir", "work")  # relative to where bidsenc was started
@@ -345,6 +361,7 @@ def _make(cls, values: dict, section: str):
 
 
 def _validate(cfg: RunConfig) -> None:
+    _check_types(cfg)
     inp, exe = cfg.inputs, cfg.execution
     if inp.analysis_level not in ANALYSIS_LEVELS:
         from .errors import AnalysisLevelError
@@ -397,12 +414,28 @@ def _validate(cfg: RunConfig) -> None:
     if m.high_pass is not None and (isinstance(m.high_pass, bool) or not isinstance(m.high_pass, int | float)
                                     or not 0 <= m.high_pass < 0.1):
         raise UsageError(f"high_pass {m.high_pass!r}: a cutoff in Hz from 0 (none) to below 0.1, e.g. 1/128 = 0.0078")
-    if not isinstance(m.n_folds, int) or m.n_folds < 2:
+    if m.n_folds < 2:
         raise UsageError(f"n_folds must be an integer of at least 2, got {m.n_folds!r}")
-    if isinstance(m.null_draws, bool) or not isinstance(m.null_draws, int) or not 0 <= m.null_draws <= 1000:
+    if not 0 <= m.null_draws <= 1000:
         raise UsageError(f"null_draws must be a whole number from 0 (off) to 1000, got {m.null_draws!r}")
-    if not isinstance(m.data_scaling_seeds, int) or m.data_scaling_seeds < 0:
+    if m.data_scaling_seeds < 0:
         raise UsageError(f"data_scaling_seeds must be a whole number, got {m.data_scaling_seeds!r}")
+    if m.n_permutations < 1:
+        raise UsageError(f"n_permutations must be a positive whole number (e.g. 1000), got {m.n_permutations!r}")
+    if not 0 < m.fdr_q < 1:
+        raise UsageError(f"fdr_q must lie strictly between 0 and 1 (e.g. 0.05), got {m.fdr_q!r}")
+    if exe.mem_gb is not None and not exe.mem_gb > 0:
+        raise UsageError(f"--mem {exe.mem_gb!r} GB: give a positive size such as 16GB")
+    if not 0 <= cfg.outputs.ceiling_threshold <= 1:
+        raise UsageError(f"ceiling_threshold must lie between 0 and 1 (a CC_max), got "
+                         f"{cfg.outputs.ceiling_threshold!r}")
+    if m.ceiling_floor is not None and not 0 <= m.ceiling_floor <= 1:
+        raise UsageError(f"ceiling_floor must lie between 0 and 1, got {m.ceiling_floor!r}")
+    for key in ("bootstraps", "bootstrap_chunk_len"):
+        if getattr(m, key) < 1:
+            raise UsageError(f"{key} must be a positive integer, got {getattr(m, key)!r}")
+    if m.bootstrap_chunks is not None and m.bootstrap_chunks < 1:
+        raise UsageError(f"bootstrap_chunks must be a positive integer, got {m.bootstrap_chunks!r}")
     o = cfg.outputs
     if o.map_layers not in ("best", "all") and not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", o.map_layers):
         raise UsageError(f"--map-layers {o.map_layers!r}: expected best, all, or layers such as 0,4-6")
@@ -411,6 +444,50 @@ def _validate(cfg: RunConfig) -> None:
             raise UsageError(f"atlas file {path} does not exist")
     if o.atlas and o.atlas_labels is None:
         raise UsageError("--atlas needs --atlas-labels, a TSV with the columns index and name")
+
+
+def _check_types(cfg: RunConfig) -> None:
+    """Every setting has its declared type (a TOML file can hold anything): one line naming it."""
+    for section in (cfg.inputs, cfg.execution, cfg.models, cfg.outputs):
+        hints = typing.get_type_hints(type(section))
+        for f in fields(section):
+            value = getattr(section, f.name)
+            if not _has_type(value, hints[f.name]):
+                name = f"[{_SECTION_OF[type(section).__name__]}] {f.name}"
+                raise UsageError(f"setting {name} = {value!r}: expected {_describe(hints[f.name])}")
+
+
+_SECTION_OF = {"InputConfig": "inputs", "ExecutionConfig": "execution", "ModelConfig": "models",
+               "OutputConfig": "outputs"}
+
+
+def _has_type(value, hint) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if origin is tuple:
+        return isinstance(value, tuple) and all(_has_type(v, args[0]) for v in value)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    return isinstance(value, origin or hint)
+
+
+def _describe(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args if a is not type(None))
+    if origin is tuple:
+        return "a list of " + {str: "strings", Path: "paths", int: "whole numbers"}.get(args[0], str(args[0]))
+    return {bool: "true or false", int: "a whole number", float: "a number", str: "a string",
+            Path: "a path", dict: "a table"}.get(origin or hint, str(hint))
 
 
 def _plain(obj):

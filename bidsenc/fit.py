@@ -103,20 +103,26 @@ def _fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, devic
         raise DataError(f"sub-{label}: every one of the {space.n_voxels} voxels is constant or not finite in some "
                         f"of its {len(experiment.runs)} runs; check its BOLD files (e.g. with nilearn's "
                         "plotting.plot_epi)")
-    ceiling = None if outer else noise_ceiling(resp.test_repeats, floor=0.25 if reference else m.ceiling_floor)
+    convention = "reference" if reference else "consistent"
+    ceiling = None if outer else noise_ceiling(resp.test_repeats, floor=m.ceiling_floor, convention=convention)
     tr = experiment.runs[0].tr
     gap = buffer_rows(tr, max(settings.delay_trs(tr)) * tr)
     # scores without a test story always come from buffered blocks or whole stories, also under the
     # reference preset (its overlapping bootstrap chunks would score rows more than once)
     folds = leave_stories_out(resp.train_groups, m.n_folds, seed, gap) if outer else \
-        _folds(resp.train_groups, reference, m.n_folds, seed, gap)
+        _folds(resp.train_groups, m, seed, gap)
     alphas = alpha_grid("reference" if reference else m.alphas)
     score = m.cv_score or ("reference" if reference else "r2")
+    # every ridge fit of this participant: the reference preset computes in float64 like the reference code,
+    # so that near-tied alphas of noise voxels are decided as it decides them
+    ridge = {"score": score, "device": device, "mem_gb": cfg.execution.mem_gb,
+             "dtype": "float64" if reference else "float32"}
     valid = resp.valid
     y_train = resp.train[:, valid]
     y_test = y_train if outer else resp.test[:, valid]
     ceil_v = ceiling[valid].astype(np.float32) if ceiling is not None else None
-    ceiling_info = {"kind": "cc_max", "description": "CC_max (Schoppe et al. 2016) from the test repeats"}
+    ceiling_info = {"kind": "cc_max", "description": "CC_max (Schoppe et al. 2016) from the test repeats",
+                    "convention": convention, "floor": m.ceiling_floor}
     if outer:
         ceil_v, ceiling_info = _intersubject_ceiling(experiment, list(peers), resp, space, settings, m)
     n_left_out = int((~valid).sum())
@@ -146,11 +152,10 @@ def _fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, devic
             x_train, x_test = features_for(resp, _layer_features(fs, experiment.stories, layer), settings)
             if outer:
                 fit = evaluate_layer_outer(layer, x_train, y_train, resp.train_groups, folds, alphas,
-                                           n_inner=m.n_folds, seed=seed, gap=gap, score=score, device=device,
-                                           mem_gb=cfg.execution.mem_gb)
+                                           n_inner=m.n_folds, seed=seed, gap=gap, **ridge)
             else:
-                fit = evaluate_layer(layer, x_train, y_train, x_test, y_test, folds, alphas, score=score, device=device,
-                                     mem_gb=cfg.execution.mem_gb, return_weights=m.save_weights)
+                fit = evaluate_layer(layer, x_train, y_train, x_test, y_test, folds, alphas, **ridge,
+                                     return_weights=m.save_weights)
             fits.append(fit)
             layer_rows.append(_summary_row(fs, fit, ceil_v, threshold))
             if kept is None or select_best_layer([kept[0], fit]) is fit:  # ties keep the earlier layer
@@ -162,7 +167,7 @@ def _fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, devic
         null = None
         if m.null_draws:
             null = _shuffled_null(fs.name, chosen, x_train, x_test, y_train, y_test, resp.train_groups, folds,
-                                  alphas, outer, gap, score, cfg, device)
+                                  alphas, outer, gap, ridge, cfg)
             layer_rows[fits.index(chosen)].update(null_mean_r=null.mean_r, null_r95=null.threshold,
                                                   fraction_above_null=null.fraction_above)
         scored = _held_out(y_train, folds) if outer else y_test
@@ -183,14 +188,14 @@ def _fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, devic
             joint["names"].append(fs.name)
         if will_stack and combined:
             joint["oof"].append(out_of_fold_predictions(x_train, y_train, folds, chosen.alphas, device=device,
-                                                        mem_gb=cfg.execution.mem_gb))
+                                                        mem_gb=cfg.execution.mem_gb, dtype=ridge["dtype"]))
             joint["test_predictions"].append(chosen.predictions)
         if will_band and combined:
             joint["x_train"].append(x_train)
             joint["x_test"].append(x_test)
         if will_scale:
             scaling_rows += _data_scaling(fs.name, chosen.layer, x_train, x_test, resp, y_train, y_test, alphas,
-                                          ceil_v, cfg, tr, gap, score, device)
+                                          ceil_v, cfg, tr, gap, ridge)
 
     stacked = banded = None
     if will_stack:
@@ -210,6 +215,7 @@ def _fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, devic
         "n_test_volumes": 0 if outer else int(len(y_test)), "n_train_volumes": int(len(y_train)),
         "scoring": _scoring(outer, resp, len(folds), gap, tr),
         "noise_ceiling": ceiling_info, "cv_score": score,
+        "alpha_selection": _alpha_selection(m, outer, folds, score, alphas, gap), "precision": ridge["dtype"],
         "train_stories": resp.story_names, "preset": m.preset,
         "delays_trs": settings.delay_trs(experiment.runs[0].tr), "tr": experiment.runs[0].tr,
         "notes": resp.notes}
@@ -227,19 +233,18 @@ def _is_baseline(fs) -> bool:
     return fs.describe().get("kind") == "lowlevel"
 
 
-def _shuffled_null(name, chosen, x_train, x_test, y_train, y_test, groups, folds, alphas, outer, gap, score, cfg,
-                   device):
+def _shuffled_null(name, chosen, x_train, x_test, y_train, y_test, groups, folds, alphas, outer, gap, ridge: dict,
+                   cfg):
     """The chosen layer refitted on features circularly shifted per story: what a misaligned stimulus scores."""
     m = cfg.models
-    seed, mem = cfg.execution.random_seed, cfg.execution.mem_gb
+    seed = cfg.execution.random_seed
     if outer:
         def refit(xs, _):
             return evaluate_layer_outer(chosen.layer, xs, y_train, groups, folds, alphas, n_inner=m.n_folds,
-                                        seed=seed, gap=gap, score=score, device=device, mem_gb=mem).test_r
+                                        seed=seed, gap=gap, **ridge).test_r
     else:
         def refit(xs, xt):
-            return fit_and_score(xs, y_train, xt, y_test, folds, alphas, score=score, device=device,
-                                 mem_gb=mem)["test_r"]
+            return fit_and_score(xs, y_train, xt, y_test, folds, alphas, **ridge)["test_r"]
     t0 = time.perf_counter()
     null = shuffled_null(refit, x_train, groups, None if outer else x_test, chosen.test_r, n_draws=m.null_draws,
                          seed=seed)
@@ -348,10 +353,26 @@ def _cleaning(settings: AlignSettings, confounds, patterns) -> str:
     return f"nilearn.signal.clean per run: {done}{filtered}; z-scored per run"
 
 
-def _folds(groups, reference: bool, n_folds: int, seed: int, gap: int):
-    if reference:
-        return bootstrap_chunks(len(groups), seed=seed)
-    return leave_stories_out(groups, n_folds, seed=seed, gap=gap)
+def _folds(groups, m, seed: int, gap: int, n_folds: int | None = None):
+    """Validation splits that choose alpha: the reference's bootstrap chunks, or leave-stories-out."""
+    if m.preset == "reference":
+        return bootstrap_chunks(len(groups), m.bootstraps, m.bootstrap_chunk_len, m.bootstrap_chunks, seed=seed)
+    return leave_stories_out(groups, n_folds or m.n_folds, seed=seed, gap=gap)
+
+
+def _alpha_selection(m, outer: bool, folds, score: str, alphas, gap: int) -> dict:
+    """How each voxel's alpha was chosen, for the sidecars: splits, score and grid."""
+    out = {"score": score, "alphas": [float(a) for a in alphas],
+           "alpha_units": "ridge penalty alpha ||w||^2 (scikit-learn, himalaya); the reference code's a is sqrt(alpha)",
+           "n_splits": len(folds), "ties": "the larger alpha"}
+    if m.preset == "reference" and not outer:
+        held = len(folds[0][1]) // m.bootstrap_chunk_len
+        out.update(splits="bootstrap chunks (the reference's bootstrap_ridge): random chunks of consecutive "
+                   "training volumes held out", bootstraps=m.bootstraps, chunk_len=m.bootstrap_chunk_len,
+                   chunks_held_out=held)
+    else:
+        out.update(splits="leave-stories-out (contiguous blocks within a single story)", gap_volumes=gap)
+    return out
 
 
 def _scoring(outer: bool, resp, n_folds: int, gap: int, tr: float) -> str:
@@ -364,26 +385,26 @@ def _scoring(outer: bool, resp, n_folds: int, gap: int, tr: float) -> str:
             f"({gap * tr:g} s) left out of training on each side of the held-out block")
 
 
-def _subset_folds(groups, reference: bool, n_folds: int, seed: int, gap: int):
+def _subset_folds(groups, m, seed: int, gap: int):
     """Folds inside a data-scaling subset; a single short story gets as many blocks as it can hold."""
-    for k in range(n_folds, 1, -1):
+    for k in range(m.n_folds, 1, -1):
         try:
-            return _folds(groups, reference, k, seed, gap)
+            return _folds(groups, m, seed, gap, k)
         except DataError:
-            if k == 2 or reference or len(np.unique(groups)) > 1:
+            if k == 2 or m.preset == "reference" or len(np.unique(groups)) > 1:
                 raise
     raise AssertionError("unreachable")
 
 
-def _data_scaling(name, layer, x_train, x_test, resp, y_train, y_test, alphas, ceil_v, cfg, tr, gap, score,
-                  device) -> list[dict]:
+def _data_scaling(name, layer, x_train, x_test, resp, y_train, y_test, alphas, ceil_v, cfg, tr, gap,
+                  ridge: dict) -> list[dict]:
     """Test scores of one model's best layer fitted on random subsets of 1, 2, 4, ... training stories.
 
     Every subset keeps the test set; its alphas are re-chosen by cross-validation inside
     the subset (contiguous blocks when it holds a single story). The unit drawn is a
     cross-validation group: a story, or the stories a run presents together.
     """
-    m, reference = cfg.models, cfg.models.preset == "reference"
+    m = cfg.models
     units = np.unique(resp.train_groups)
     stories_of = {int(g): sorted({seg.story_id for run, rg in zip(resp.train_runs, _run_groups(resp), strict=True)
                                   if rg == g for seg in run.segments}) for g in units}
@@ -397,14 +418,12 @@ def _data_scaling(name, layer, x_train, x_test, resp, y_train, y_test, alphas, c
             picked = np.sort(rng.choice(units, size=n, replace=False))
             rows_in = np.isin(resp.train_groups, picked)
             try:
-                folds = _subset_folds(resp.train_groups[rows_in], reference, m.n_folds, cfg.execution.random_seed,
-                                      gap)
+                folds = _subset_folds(resp.train_groups[rows_in], m, cfg.execution.random_seed, gap)
             except DataError as err:
                 if repeat == 0:
                     log.info("data scaling, %s, %d of %d stories: skipped (%s)", name, n, n_units, err.message)
                 continue
-            out = fit_and_score(x_train[rows_in], y_train[rows_in], x_test, y_test, folds, alphas, score=score,
-                                device=device, mem_gb=cfg.execution.mem_gb)
+            out = fit_and_score(x_train[rows_in], y_train[rows_in], x_test, y_test, folds, alphas, **ridge)
             r = out["test_r"]
             stories = [sid for g in picked for sid in stories_of[int(g)]]
             rows.append({"model": name, "layer": layer, "n_stories": len(stories),

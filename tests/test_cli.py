@@ -333,3 +333,34 @@ def test_error_messages_are_one_line():
 
     err = DataError("bad.tsv: unreadable (Error tokenizing data. C error: Expected 2 fields in line 3, saw 3\n)")
     assert "\n" not in err.message and err.message.endswith("saw 3 )")
+
+
+@pytest.mark.parametrize("toml, args, fragment", [
+    ('[models]\nn_permutations = "many"\n', [], "[models] n_permutations = 'many': expected a whole number"),
+    ("[outputs]\nceiling_threshold = \"high\"\n", [], "[outputs] ceiling_threshold = 'high': expected a number"),
+    ('[outputs]\nreports = "false"\n', [], "[outputs] reports = 'false': expected true or false"),
+    ("[models]\nfdr_q = 5\n", [], "fdr_q must lie strictly between 0 and 1"),
+    ("[models]\nceiling_floor = 2\n", [], "ceiling_floor must lie between 0 and 1"),
+    ("[models]\nbootstraps = 2.5\n", [], "[models] bootstraps = 2.5: expected a whole number"),
+    ("[models]\ntest_stories = [1, 2]\n", [], "expected a list of strings"),
+    ('[features]\nkind = "lm"\nmodel = "x"\n', [], "[[features]]"),
+    ("models = 3\n", [], "models must be a table"),
+    ("", ["--n-permutations", "0"], "n_permutations must be a positive whole number"),
+    ("", ["--n-permutations", "-5"], "n_permutations must be a positive whole number"),
+    ("", ["--mem", "0"], "--mem"),
+    ("", ["--ceiling-threshold", "-3"], "ceiling_threshold must lie between 0 and 1"),
+    ("", ["--bootstrap-chunks", "0"], "bootstrap_chunks must be a positive integer"),
+])
+def test_every_setting_is_checked_before_any_work(tmp_path, toml, args, fragment):
+    """Types and ranges of config-file and command-line values: one UsageError (exit 64) naming the setting."""
+    from bidsenc.cli.run import configure
+    from bidsenc.errors import UsageError
+
+    make_raw(tmp_path / "ds", participants=("01",))
+    (tmp_path / "c.toml").write_text(toml)
+    with pytest.raises(UsageError) as err:
+        configure([str(tmp_path / "ds"), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "w"),
+                   "--config-file", str(tmp_path / "c.toml"), *args])
+    assert fragment in err.value.message and "\n" not in err.value.message
+    assert err.value.exit_code == 64
+    assert not (tmp_path / "out").exists()

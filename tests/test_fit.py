@@ -139,7 +139,13 @@ def test_reference_preset_runs_and_fits(demo, tmp_path):
     alphas = result["stats"][0, :, 3]
     grid = np.logspace(1, 4, 15) ** 2  # the reference grid, in the alpha-squared convention
     assert np.isclose(alphas[:, None], grid[None], rtol=1e-5).any(1).all()
-    assert ceiling.min() >= 0.25  # the reference floors CC_max
+    fitted = result["result"]
+    # no floor in effect (the reference's floor line is commented out), its TP = 1 / ddof = 1 convention
+    assert fitted.responses["noise_ceiling"]["convention"] == "reference"
+    assert ceiling[inside].min() < 0.25
+    selection = fitted.responses["alpha_selection"]
+    assert (selection["bootstraps"], selection["chunk_len"], selection["score"]) == (50, 40, "reference")
+    assert selection["n_splits"] == 50
 
 
 def _without_repeats(demo, tmp_path, keep):

@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("encoding models")
     g.add_argument("--preset", choices=("default", "reference"),
                    help="'reference' reproduces Antonello et al. (2023): delays across stories, TR trims, "
-                   "their alpha grid and ceiling floor (default: default)")
+                   "their alpha grid, bootstrap validation score and noise-ceiling convention (default: default)")
     g.add_argument("--test-stories", nargs="+", metavar="STORY",
                    help="stories to test on (default: those heard more than once)")
     g.add_argument("--confounds", nargs="+", metavar="NAME",
@@ -110,6 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation score that chooses each voxel's alpha: r2, r, or reference (the reference "
                    "code's bootstrap_ridge(use_corr=False) score) (default: reference under --preset reference, "
                    "else r2)")
+    g.add_argument("--bootstraps", type=int, metavar="N",
+                   help="--preset reference: bootstrap splits that choose each voxel's alpha (default: 50)")
+    g.add_argument("--bootstrap-chunk-len", type=int, metavar="TRS",
+                   help="--preset reference: consecutive volumes per held-out chunk (default: 40)")
+    g.add_argument("--bootstrap-chunks", type=int, metavar="N",
+                   help="--preset reference: chunks held out per bootstrap (default: 20%% of the chunks)")
+    g.add_argument("--ceiling-floor", type=float, metavar="R",
+                   help="lower bound applied to the noise ceiling CC_max (default: none, also under --preset "
+                   "reference, whose floor is not in effect in its code)")
     g.add_argument("--high-pass", type=_high_pass, metavar="HZ",
                    help="cosine high-pass cutoff applied per run to the responses and the features alike; 0 or "
                    "none turns it off (default: 1/128 Hz for raw and fMRIPrep inputs; none for ds003020's "

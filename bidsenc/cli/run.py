@@ -29,7 +29,8 @@ _IO_ERRNOS = {errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 _SECTIONS = {
     "execution": {"work_dir", "feature_cache", "bids_database_dir", "nprocs", "omp_nthreads", "device",
                   "random_seed", "verbose", "allow_download", "features_only", "model_dir", "reports_only"},
-    "models": {"preset", "test_stories", "cv_score", "high_pass", "null_draws", "n_permutations", "data_scaling_seeds", "confounds",
+    "models": {"preset", "test_stories", "cv_score", "bootstraps", "bootstrap_chunk_len", "bootstrap_chunks",
+               "ceiling_floor", "high_pass", "null_draws", "n_permutations", "data_scaling_seeds", "confounds",
                "save_weights", "banded"},
     "outputs": {"map_layers", "atlas", "atlas_labels", "ceiling_threshold", "reports"},
 }

@@ -158,7 +158,8 @@ def _write_all(w: _Writer, result: ParticipantResult, cfg) -> None:
         for layer in _map_layers(extra, model):
             best = layer == model.best_layer
             meta = {"Model": model.description, "Layer": int(layer), "BestLayer": best,
-                    "LayerSelection": "highest mean cross-validated training score over fitted voxels"}
+                    "LayerSelection": "highest mean cross-validated training score over fitted voxels",
+                    "AlphaSelection": result.responses.get("alpha_selection")}
             for stat, key in (("r", "r"), ("r2", "r2"), ("ccnorm", "cc_norm"), ("alpha", "alpha"),
                               ("cvscore", "cv_score")):
                 if key == "cc_norm" and ceiling is None:

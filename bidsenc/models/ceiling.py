@@ -11,7 +11,8 @@ Conventions shared by every function in this module
   chunk by chunk, so memory stays bounded for 100k-voxel inputs).
 * Variances use ``ddof=0`` throughout.  The choice does not change any result here:
   every estimate is a ratio of two variances with the same number of time points, so the
-  ``T/(T-1)`` factor cancels.
+  ``T/(T-1)`` factor cancels.  The one exception is ``cc_max(..., convention="reference")``,
+  which reproduces the reference code's mix of conventions on purpose.
 * Outputs meant for maps never contain NaN.  A voxel where the quantity is undefined
   (constant data, a non-finite value anywhere in the voxel, or -- for ``cc_max`` -- a
   non-positive signal-power estimate) gets a documented value (0, or the floor) and is
@@ -24,7 +25,7 @@ from typing import Iterator
 
 import numpy as np
 
-__all__ = ["cc_max", "cc_norm", "explainable_variance", "intersubject_ceiling"]
+__all__ = ["CC_MAX_CONVENTIONS", "cc_max", "cc_norm", "explainable_variance", "intersubject_ceiling"]
 
 # Bound on the float64 elements of one working chunk (2**23 elements = 64 MiB).
 _CHUNK_ELEMENTS = 2**23
@@ -63,7 +64,11 @@ def _finish(values: np.ndarray, degenerate: np.ndarray, return_degenerate: bool)
     return (values, degenerate) if return_degenerate else values
 
 
-def cc_max(repeats, floor: float | None = None, *, return_degenerate: bool = False):
+#: Conventions of :func:`cc_max`.
+CC_MAX_CONVENTIONS = ("consistent", "reference")
+
+
+def cc_max(repeats, floor: float | None = None, *, convention: str = "consistent", return_degenerate: bool = False):
     """Noise ceiling CC_max of Schoppe et al. (2016) from repeated presentations.
 
     With ``y`` the mean over the ``N`` repeats, ``TP`` the mean over repeats of each
@@ -83,8 +88,15 @@ def cc_max(repeats, floor: float | None = None, *, return_degenerate: bool = Fal
         caller.  float32 or float64; computed in float64.
     floor : float or None, optional
         Lower bound applied to every voxel (``max(CC_max, floor)``), including undefined
-        ones.  ``floor=0.25`` reproduces the reference implementation.  Default ``None``:
-        no floor, undefined voxels get 0.
+        ones.  Default ``None``: no floor, undefined voxels get 0.  The reference's callers
+        pass ``max_flooring=0.25``, but the line of its function that would apply it is
+        commented out, so the reference applies no floor: ``floor=None`` reproduces it.
+    convention : {"consistent", "reference"}, optional
+        ``"consistent"`` (default): ``TP`` and ``var(y)`` both with ``ddof=0`` (any common
+        ``ddof`` gives the same value).  ``"reference"``: the reference code's
+        ``data_norm=True`` branch, which takes ``TP = 1`` (each repeat assumed z-scored)
+        while ``var(y)`` uses ``ddof=1``; its values are slightly higher, by a factor that
+        vanishes as ``T`` grows.
     return_degenerate : bool, optional
         Also return the boolean mask of undefined voxels.
 
@@ -99,12 +111,12 @@ def cc_max(repeats, floor: float | None = None, *, return_degenerate: bool = Fal
 
     Notes
     -----
-    Variances use ``ddof=0``; the result is the same with ``ddof=1`` because only the ratio
-    ``TP/SP`` enters.  On pure noise the estimate is biased upwards: ``SP`` fluctuates
+    With the consistent convention the result does not depend on ``ddof``, because only the
+    ratio ``TP/SP`` enters.  On pure noise the estimate is biased upwards: ``SP`` fluctuates
     around 0 with a spread that shrinks like ``1/sqrt(T)``, about half the voxels get a
     positive ``SP`` and ``CC_max ~ sqrt(N SP / TP)`` there, so noise voxels scatter between
-    0 and a few tenths for typical ``T`` (a ``T**-0.25`` decay), which is what the
-    reference's 0.25 floor hides.
+    0 and a few tenths for typical ``T`` (a ``T**-0.25`` decay), which is what a 0.25
+    floor would hide.
 
     References
     ----------
@@ -114,10 +126,15 @@ def cc_max(repeats, floor: float | None = None, *, return_degenerate: bool = Fal
     repeats = _check_stack(repeats, "repeats", "Repeat", 2)
     if floor is not None and not 0.0 <= floor <= 1.0:
         raise ValueError(f"floor must lie in [0, 1], got {floor}")
-    n, _, v = repeats.shape
+    if convention not in CC_MAX_CONVENTIONS:
+        raise ValueError(f"convention must be one of {CC_MAX_CONVENTIONS}, got {convention!r}")
+    n, t, v = repeats.shape
     values = np.zeros(v)
     degenerate = np.zeros(v, dtype=bool)
     for sl, tp, var_y, defined in _variance_components(repeats):
+        if convention == "reference":
+            tp = np.ones_like(tp)
+            var_y = var_y * (t / (t - 1))
         sp = (n * var_y - tp) / (n - 1)
         defined = defined & (sp > 0)
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):

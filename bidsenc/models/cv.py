@@ -56,24 +56,60 @@ def contiguous_blocks(n_rows: int, n_folds: int = 5, gap: int = 5) -> list[tuple
     return folds
 
 
-def bootstrap_chunks(n_rows: int, n_boots: int = 10, chunk_len: int = 20, held_out: float = 0.2,
-                     seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The reference's validation: random chunks of ``chunk_len`` consecutive rows held out.
+#: The reference's bootstrap (the ds003020 encoding script's defaults): 50 bootstraps of 40-TR chunks.
+REFERENCE_BOOTSTRAPS = 50
+REFERENCE_CHUNK_LEN = 40
+#: Share of the chunks held out per bootstrap when their number is not given (the script's 125 of
+#: the ~675 40-TR chunks of its training data is 18.5%).
+DEFAULT_HELD_OUT = 0.2
 
-    Each of ``n_boots`` splits holds out ``held_out`` of the rows as randomly drawn
-    chunks (rows near a chunk's edge are not separated from training, as in the
-    reference's bootstrap ridge).
+
+def bootstrap_chunks(n_rows: int, n_boots: int = REFERENCE_BOOTSTRAPS, chunk_len: int = REFERENCE_CHUNK_LEN,
+                     n_chunks: int | None = None, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The reference's validation splits: random chunks of ``chunk_len`` consecutive rows held out.
+
+    As in the reference's ``bootstrap_ridge``: the rows are cut into consecutive chunks of
+    ``chunk_len`` from row 0 (a last, shorter remainder is never held out), and each of
+    ``n_boots`` splits holds out ``n_chunks`` chunks drawn at random without replacement;
+    every other row trains.  Rows next to a held-out chunk are not separated from
+    training, and chunks may be held out in several splits (a bootstrap, not a partition).
+    The draws use numpy's generator seeded with ``seed``, not the reference's
+    ``random.shuffle``: give the reference's own held-out chunks as folds to reproduce a
+    particular run.
+
+    Parameters
+    ----------
+    n_rows : int
+        Training rows (TRs).
+    n_boots : int
+        Number of splits (the reference's ``nboots``).
+    chunk_len : int
+        Rows per chunk (``chunklen``).
+    n_chunks : int, optional
+        Chunks held out per split (``nchunks``); default 20% of the chunks, at least one.
+    seed : int
+        Seed of the draws.
+
+    Returns
+    -------
+    list of (train_idx, val_idx)
+        Sorted integer row indices of each split.
     """
-    n_chunks = n_rows // chunk_len
-    if n_chunks < 2:
-        raise DataError(f"too little data to cross-validate: {n_rows} training volumes for {chunk_len}-TR chunks")
+    for name, value in (("n_boots", n_boots), ("chunk_len", chunk_len)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    total = n_rows // chunk_len
+    if n_chunks is None:
+        n_chunks = max(1, int(round(total * DEFAULT_HELD_OUT)))
+    if total < 2 or not 1 <= n_chunks < total:
+        raise DataError(f"too little data for the reference bootstrap: {n_rows} training volumes make {total} "
+                        f"chunks of {chunk_len}, and {n_chunks} of them would be held out; lower "
+                        "--bootstrap-chunk-len or --bootstrap-chunks")
     rng = np.random.default_rng(seed)
-    starts = np.arange(n_chunks) * chunk_len
-    take = max(1, int(round(n_chunks * held_out)))
     folds = []
     for _ in range(n_boots):
-        held = rng.choice(n_chunks, size=take, replace=False)
-        val = np.concatenate([np.arange(starts[c], min(starts[c] + chunk_len, n_rows)) for c in np.sort(held)])
+        held = np.sort(rng.choice(total, size=n_chunks, replace=False))
+        val = (held[:, None] * chunk_len + np.arange(chunk_len)).ravel()
         mask = np.ones(n_rows, bool)
         mask[val] = False
         folds.append((np.flatnonzero(mask), val))

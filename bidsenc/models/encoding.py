@@ -43,17 +43,17 @@ class LayerFit:
 
 
 def evaluate_layer(layer: int, x_train, y_train, x_test, y_test, folds, alphas, *, score="r2", device="cpu",
-                   mem_gb=None, return_weights=False) -> LayerFit:
+                   mem_gb=None, dtype="float32", return_weights=False) -> LayerFit:
     """Cross-validated ridge on the training rows (alphas chosen by ``score``), scored on the test rows."""
     out = fit_and_score(x_train, y_train, x_test, y_test, folds, alphas, score=score, return_predictions=True,
-                        device=device, mem_gb=mem_gb, return_weights=return_weights)
+                        device=device, mem_gb=mem_gb, dtype=dtype, return_weights=return_weights)
     weights = np.asarray(out["weights"], dtype=np.float32) if return_weights else None
     return LayerFit(layer, out["test_r"], out["test_r2"], out["alphas"], out["cv_score"], out["predictions"],
                     out["valid"], weights)
 
 
 def evaluate_layer_outer(layer: int, x, y, groups, outer_folds, alphas, *, n_inner: int = 5, seed: int = 0,
-                         gap: int = 5, score="r2", device="cpu", mem_gb=None) -> LayerFit:
+                         gap: int = 5, score="r2", device="cpu", mem_gb=None, dtype="float32") -> LayerFit:
     """Scores without a test story: an outer leave-stories-out loop around the cross-validated ridge.
 
     Each outer fold's held-out stories are predicted by a model whose alphas were chosen
@@ -69,7 +69,7 @@ def evaluate_layer_outer(layer: int, x, y, groups, outer_folds, alphas, *, n_inn
     for train, test in outer_folds:
         inner = leave_stories_out(groups[train], n_inner, seed, gap)
         out = fit_and_score(x[train], y[train], x[test], y[test], inner, alphas, score=score, return_predictions=True,
-                            device=device, mem_gb=mem_gb)
+                            device=device, mem_gb=mem_gb, dtype=dtype)
         pred[test] = out["predictions"]
         scored[test] = True
         log_alphas.append(np.log(out["alphas"]))
@@ -86,11 +86,12 @@ def select_best_layer(fits: list[LayerFit]) -> LayerFit:
     return max(fits, key=lambda f: float(np.mean(f.cv_score[f.valid])) if f.valid.any() else -np.inf)
 
 
-def noise_ceiling(test_repeats: np.ndarray | None, floor: float | None = None) -> np.ndarray | None:
+def noise_ceiling(test_repeats: np.ndarray | None, floor: float | None = None,
+                  convention: str = "consistent") -> np.ndarray | None:
     """CC_max per voxel from the test repeats (None when there are fewer than two)."""
     if test_repeats is None or len(test_repeats) < 2:
         return None
-    return cc_max(test_repeats, floor=floor)
+    return cc_max(test_repeats, floor=floor, convention=convention)
 
 
 def significance(prediction, response, *, n_permutations=1000, q=0.05, seed=0) -> tuple[np.ndarray, np.ndarray]:
@@ -110,11 +111,13 @@ class StackedResult:
     r2: np.ndarray               # [V]
 
 
-def out_of_fold_predictions(x_train, y_train, folds, alphas, *, device="cpu", mem_gb=None) -> np.ndarray:
+def out_of_fold_predictions(x_train, y_train, folds, alphas, *, device="cpu", mem_gb=None,
+                            dtype="float32") -> np.ndarray:
     """Each training row predicted by a model fitted without its fold (folds must partition the rows)."""
     out = np.zeros(y_train.shape, dtype=np.float32)
     for train, val in folds:
-        out[val] = ridge_predict(x_train[train], y_train[train], x_train[val], alphas, device=device, mem_gb=mem_gb)
+        out[val] = ridge_predict(x_train[train], y_train[train], x_train[val], alphas, device=device, mem_gb=mem_gb,
+                                 dtype=dtype)
     return out
 
 

@@ -108,6 +108,7 @@ __all__ = [
     "reference_to_alpha",
     "ridge_cv",
     "ridge_predict",
+    "ridge_weights",
 ]
 
 #: The reference code's alpha grid, in its own (squared-penalty) units.
@@ -162,6 +163,9 @@ class RidgeCVResult:
         The validation score used (one of :data:`SCORES`).
     form : str
         ``"kernel"`` or ``"primal"``: the form of the refit on all training rows.
+    fold_scores : ndarray of float32 (float64 in float64 mode), shape (n_folds, n_alphas, n_voxels)
+        Validation score of every alpha in every fold (0 for invalid voxels, ``-1e5`` where an
+        alpha was not selectable in a fold); ``cv_scores`` is their mean over folds.
     weights : ndarray of float32 (float64 in float64 mode), shape (n_features, n_voxels), or None
         Refit weights (only with ``return_weights=True``; 0 for invalid voxels).
     """
@@ -173,6 +177,7 @@ class RidgeCVResult:
     valid: np.ndarray
     score: str
     form: str
+    fold_scores: np.ndarray | None = None
     weights: np.ndarray | None = None
 
     @property
@@ -278,23 +283,28 @@ def _check_folds(folds, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
         try:
             train, val = fold
         except (TypeError, ValueError):
-            raise ValueError(f"fold {k} must be a (train_idx, val_idx) pair") from None
-        train = np.asarray(train).ravel()
-        val = np.asarray(val).ravel()
-        if train.dtype == bool or val.dtype == bool:
-            raise ValueError(f"fold {k}: give integer row indices, not boolean masks")
-        train = train.astype(np.int64)
-        val = val.astype(np.int64)
+            raise ValueError(f"fold {k} must be a (train, val) pair of row indices or boolean masks") from None
+        pair = []
+        for name, rows in (("train", train), ("val", val)):
+            rows = np.asarray(rows).ravel()
+            if rows.dtype == bool:
+                if rows.size != n:
+                    raise ValueError(f"fold {k}: the {name} mask has {rows.size} entries for {n} rows")
+                rows = np.flatnonzero(rows)
+            elif rows.size and not np.issubdtype(rows.dtype, np.integer):
+                raise ValueError(f"fold {k}: {name} must hold integer row indices or be a boolean mask")
+            rows = rows.astype(np.int64)
+            if rows.size and (rows.min() < 0 or rows.max() >= n):
+                raise ValueError(f"fold {k}: {name} indices outside 0..{n - 1}")
+            pair.append(rows)
+        train, val = pair
         if train.size == 0 or val.size == 0:
             raise ValueError(f"fold {k} has an empty training or validation set")
-        for name, idx in (("train", train), ("val", val)):
-            if idx.min() < 0 or idx.max() >= n:
-                raise ValueError(f"fold {k}: {name} indices outside 0..{n - 1}")
         if np.intersect1d(train, val).size:
             raise ValueError(f"fold {k}: training and validation rows overlap")
         out.append((train, val))
     if not out:
-        raise ValueError("folds is empty: give at least one (train_idx, val_idx) pair")
+        raise ValueError("folds is empty: give at least one (train, val) pair")
     return out
 
 
@@ -719,8 +729,10 @@ def ridge_cv(X_train, Y_train, folds, alphas=DEFAULT_ALPHAS, *, device="cpu", dt
     Y_train : array_like or torch.Tensor, shape (n_samples, n_voxels)
         Responses, z-scored by the caller.  Never copied whole: voxel batches are gathered
         and sent to the device one at a time (on a GPU they stay resident when they fit).
-    folds : sequence of (train_idx, val_idx)
-        Row indices of each fold, e.g. leave-stories-out splits of the training rows.
+    folds : sequence of (train, val)
+        Rows of each fold, as integer indices or boolean masks over the rows: e.g.
+        leave-stories-out splits (:func:`bidsenc.models.cv.leave_stories_out`) or the
+        reference's held-out chunks (:func:`bidsenc.models.cv.bootstrap_chunks`).
     alphas : array_like, shape (n_alphas,)
         Positive alphas in himalaya/scikit-learn units (see :func:`reference_to_alpha`).
     device : str
@@ -775,8 +787,59 @@ def ridge_cv(X_train, Y_train, folds, alphas=DEFAULT_ALPHAS, *, device="cpu", dt
         valid=data.valid,
         score=score,
         form="kernel" if _use_kernel(data.n, data.p, form) else "primal",
+        fold_scores=_scatter(fold_scores, data.valid, 0.0),
         weights=None if weights is None else _scatter(weights, data.valid, 0.0),
     )
+
+
+def ridge_weights(X_train, Y_train, alphas_per_voxel, *, device="cpu", dtype="float32", voxel_batch=None,
+                  mem_gb=None, allow_tf32=False, form="auto"):
+    """Ridge weights of every voxel at its own alpha, fitted on all rows.
+
+    ``W[:, v] = (X'X + alpha_v I)^-1 X' Y[:, v]``, from one eigendecomposition shared by all
+    voxels (kernel or primal form as in :func:`ridge_cv`).  No intercept: z-score first.
+
+    Parameters
+    ----------
+    X_train : array_like or torch.Tensor, shape (n_samples, n_features)
+    Y_train : array_like or torch.Tensor, shape (n_samples, n_voxels)
+    alphas_per_voxel : array_like, shape (n_voxels,) or scalar
+        Alpha of each voxel in himalaya/scikit-learn units; for the reference code's
+        squared-penalty alphas, pass ``reference_to_alpha(a)``.
+    device, dtype, voxel_batch, mem_gb, allow_tf32, form
+        As in :func:`ridge_cv`.
+
+    Returns
+    -------
+    ndarray of float32 (float64 in float64 mode), shape (n_features, n_voxels)
+        0 for voxels with constant or non-finite training responses.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bidsenc.models.ridge import ridge_weights
+    >>> rng = np.random.default_rng(0)
+    >>> X, Y = rng.standard_normal((50, 3)), rng.standard_normal((50, 2))
+    >>> W = ridge_weights(X, Y, [1.0, 10.0], dtype="float64")
+    >>> bool(np.allclose(W[:, 0], np.linalg.solve(X.T @ X + np.eye(3), X.T @ Y[:, 0])))
+    True
+    """
+    data = _Data(X_train, Y_train, device, dtype, mem_gb)
+    alpha = _voxel_alphas(alphas_per_voxel, data.n_voxels)
+    with _backend.matmul_tf32(data.device, _check_tf32(allow_tf32)[1]):
+        out = _refit(data, alpha[data.valid_idx], want_predictions=False, want_weights=True, form=form,
+                     voxel_batch=voxel_batch)
+    return _scatter(out["weights"], data.valid, 0.0)
+
+
+def _voxel_alphas(alphas_per_voxel, n_voxels: int) -> np.ndarray:
+    try:
+        alpha = np.broadcast_to(np.asarray(alphas_per_voxel, dtype=np.float64), (n_voxels,))
+    except ValueError:
+        raise ValueError(f"alphas_per_voxel must be a scalar or hold one alpha per voxel ({n_voxels})") from None
+    if not np.all(np.isfinite(alpha)) or np.any(alpha <= 0):
+        raise ValueError("alphas_per_voxel must be finite and positive")
+    return alpha
 
 
 def ridge_predict(X_train, Y_train, X_test, alphas_per_voxel, *, device="cpu", dtype="float32",
@@ -801,9 +864,7 @@ def ridge_predict(X_train, Y_train, X_test, alphas_per_voxel, *, device="cpu", d
         non-finite training responses.
     """
     data = _Data(X_train, Y_train, device, dtype, mem_gb)
-    alpha = np.broadcast_to(np.asarray(alphas_per_voxel, dtype=np.float64), (data.n_voxels,))
-    if not np.all(np.isfinite(alpha)) or np.any(alpha <= 0):
-        raise ValueError("alphas_per_voxel must be finite and positive")
+    alpha = _voxel_alphas(alphas_per_voxel, data.n_voxels)
     T = _test_tensor(X_test, data)
     with _backend.matmul_tf32(data.device, _check_tf32(allow_tf32)[1]):
         out = _refit(data, alpha[data.valid_idx], X_test=T, form=form, voxel_batch=voxel_batch)
