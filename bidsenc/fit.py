@@ -13,12 +13,13 @@ import time
 import numpy as np
 import pandas as pd
 
-from .align import AlignSettings, kept_rows
+from .align import AlignSettings, constant_columns, kept_rows
 from .align.design import clean_run, features_for, split_responses
 from .bids.bold import NATIVE_SPACES, find_regions, load_confounds, load_responses
 from .bids.experiment import Experiment
 from .config import DEFAULT_HIGH_PASS, RunConfig
 from .errors import DataError, MissingInputError, UsageError
+from .models.ceiling import intersubject_reliability
 from .models.cv import bootstrap_chunks, buffer_rows, leave_stories_out
 from .models.encoding import (
     alpha_grid,
@@ -31,8 +32,7 @@ from .models.encoding import (
     significance,
     stack_spaces,
 )
-from .models.ceiling import intersubject_reliability
-from .models.ridge import fit_and_score, pearson_r
+from .models.ridge import MemoryBudgetError, fit_and_score, pearson_r
 from .results import BandedResult, ModelResult, ParticipantResult, model_family, relative_depth
 
 log = logging.getLogger(__name__)
@@ -56,14 +56,19 @@ def fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, device
 
     threads = torch.get_num_threads()
     small = str(device).startswith("cpu") and _problem_size(experiment) < SMALL_PROBLEM_ELEMENTS
-    if not small:
-        return _fit_participant(cfg, experiment, spaces, device, peers)
-    torch.set_num_threads(1)
     try:
-        with threadpool_limits(1):
+        if not small:
             return _fit_participant(cfg, experiment, spaces, device, peers)
-    finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(1)
+        try:
+            with threadpool_limits(1):
+                return _fit_participant(cfg, experiment, spaces, device, peers)
+        finally:
+            torch.set_num_threads(threads)
+    except MemoryBudgetError as err:
+        raise UsageError(f"--mem {cfg.execution.mem_gb:g} GB is too small for sub-{experiment.participant}: {err}; "
+                         f"give --mem of at least {np.ceil(err.need_gb * 1.1 + 1):.0f}GB (bidsenc's batches have a "
+                         "fixed size, so that results do not depend on memory)") from None
 
 
 def _problem_size(experiment: Experiment) -> int:
@@ -100,9 +105,14 @@ def _fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, devic
     if resp.test is None and not outer:
         raise DataError(f"sub-{label}: none of the test stories {test_stories} was heard")
     if not resp.valid.any():
-        raise DataError(f"sub-{label}: every one of the {space.n_voxels} voxels is constant or not finite in some "
-                        f"of its {len(experiment.runs)} runs; check its BOLD files (e.g. with nilearn's "
-                        "plotting.plot_epi)")
+        dead = [run.name for run, y in zip(experiment.runs, responses, strict=True)
+                if (constant_columns(y) | ~np.isfinite(y).all(0)).all()]
+        which = (f"run(s) {', '.join(dead)} hold no usable signal (every voxel constant, e.g. all zero, or not "
+                 "finite)" if dead else f"every one of the {space.n_voxels} voxels is constant or not finite in "
+                 f"some of its {len(experiment.runs)} runs")
+        raise DataError(f"sub-{label}: {which}; check those BOLD files (e.g. with nilearn's plotting.plot_epi) "
+                        "or leave them out with --bids-filter-file")
+    del responses  # split_responses holds what the fit needs; the raw runs are as large again
     convention = "reference" if reference else "consistent"
     ceiling = None if outer else noise_ceiling(resp.test_repeats, floor=m.ceiling_floor, convention=convention)
     tr = experiment.runs[0].tr

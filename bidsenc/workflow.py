@@ -34,7 +34,7 @@ def participant(cfg: RunConfig, dataset: Dataset, label: str, logs_dir: Path, ru
         experiment = _discover_and_record(cfg, dataset, label, logs_dir)
         if cfg.inputs.mask is not None:  # before hours of features
             check_mask(cfg.inputs.mask, experiment.runs)
-        _warn_stimulus_outside_scans(experiment)
+        _check_stimulus_within_scans(experiment)
         spaces = extract_features(cfg, experiment.stories, device)
         _warn_sparse_audio_windows(spaces, experiment)
         _record_features(run_dir / f"features-sub-{label}.json", spaces)
@@ -55,22 +55,37 @@ def participant(cfg: RunConfig, dataset: Dataset, label: str, logs_dir: Path, ru
             _participant_report(out, label, experiment, warnings.messages, error)
 
 
-def _warn_stimulus_outside_scans(experiment) -> None:
-    """A story whose words (or sound) go on after its run's last volume: a wrong onset, or a scan cut short."""
+#: Share of a story that may run past its scan's last volume before the run is refused.
+MAX_STORY_PAST_SCAN = 0.25
+
+
+def _check_stimulus_within_scans(experiment) -> None:
+    """A story that goes on after its run's last volume: a wrong onset, or a scan cut short.
+
+    A little past the end (the scanner stopped a few seconds early) is a warning; more than a
+    quarter of the story is an error, since the fit would pair it with volumes it never had.
+    """
     for run in experiment.runs:
         scan_end = (run.trimmed_start + run.n_volumes + run.trimmed_end) * run.tr
         for seg in run.segments:
             story = experiment.stories[seg.story_id]
             if story.words is not None and len(story.words):
                 times = story.words.midpoints + seg.onset
-                late = int((times > scan_end).sum())
-                if late:
-                    log.warning("%s: %d of %d words of %s fall after the run's last volume (%.0f s); check the "
-                                "story's onset in events.tsv, or whether the scan stopped early", run.name, late,
-                                len(times), seg.story_id, scan_end)
-            elif story.duration and seg.onset + story.duration > scan_end + run.tr:
-                log.warning("%s: %s plays until %.0f s but the run's last volume ends at %.0f s; check its onset "
-                            "in events.tsv", run.name, seg.story_id, seg.onset + story.duration, scan_end)
+                late, total = int((times > scan_end).sum()), len(times)
+                what = f"{late} of {total} words of {seg.story_id} fall after the run's last volume ({scan_end:.0f} s)"
+            elif story.duration:
+                late = max(0.0, seg.onset + story.duration - scan_end - run.tr)
+                total = story.duration
+                what = (f"{seg.story_id} plays until {seg.onset + story.duration:.0f} s but the run's last volume ends "
+                        f"at {scan_end:.0f} s")
+            else:
+                continue
+            if late > MAX_STORY_PAST_SCAN * total:
+                raise DataError(f"{run.name}: {what}; its {run.n_volumes} volumes cannot hold the story: check the "
+                                "BOLD file (cut short?) and the story's onset in events.tsv")
+            if late:
+                log.warning("%s: %s; check the story's onset in events.tsv, or whether the scan stopped early",
+                            run.name, what)
 
 
 def _warn_sparse_audio_windows(spaces, experiment) -> None:

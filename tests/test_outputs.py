@@ -474,7 +474,8 @@ def test_a_participant_with_only_constant_voxels_is_skipped(demo, tiny_lm, tmp_p
     out = tmp_path / "out"
     assert bidsenc_main([str(ds), str(out), "participant", *common]) == 0
     log = "".join(p.read_text() for p in (out / "logs").glob("*/bidsenc.log"))
-    assert "skipped sub-02: every one of the" in log and "1 of 2 participants skipped" in log
+    assert "skipped sub-02: run(s) sub-02_ses-1_task-" in log and "hold no usable signal" in log
+    assert "1 of 2 participants skipped" in log
     assert read_participant(out, "01").models and not (out / "sub-02" / "func").exists()
     assert bidsenc_main([str(ds), str(tmp_path / "o2"), "participant", "--participant-label", "02", *common]) == 65
 

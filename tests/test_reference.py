@@ -25,7 +25,7 @@ from bidsenc.models.cv import bootstrap_chunks
 from bidsenc.models.ridge import pearson_r, r2_score, reference_to_alpha, ridge_cv, ridge_weights
 
 sys.path.insert(0, str(Path(__file__).parent))
-from builders import make_drifting_story  # noqa: E402
+from builders import make_drifting_story
 
 TOL = 1e-10
 

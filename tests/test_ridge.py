@@ -13,6 +13,7 @@ from bidsenc.models import ridge
 from bidsenc.models.ridge import (
     DEFAULT_ALPHAS,
     REFERENCE_ALPHAS,
+    MemoryBudgetError,
     fit_and_score,
     pearson_r,
     r2_score,
@@ -228,15 +229,20 @@ def test_ties_go_to_the_larger_alpha():
 # Voxel batches, memory budget and the out-of-memory retry
 
 
-def test_voxel_batches_and_memory_budget_give_the_same_result():
+def test_voxel_batches_give_the_same_result_and_the_memory_limit_is_a_limit():
     X, Y, Xt, Yt = make_data(400, seed=5)
     folds = block_folds()
     whole = fit_and_score(X, Y, Xt, Yt, folds, ALPHAS, return_predictions=True)
-    for kw in (dict(voxel_batch=7), dict(mem_gb=1e-4)):
-        part = fit_and_score(X, Y, Xt, Yt, folds, ALPHAS, return_predictions=True, **kw)
-        np.testing.assert_array_equal(part["alphas"], whole["alphas"])
-        np.testing.assert_allclose(part["predictions"], whole["predictions"], atol=1e-5)
-        np.testing.assert_allclose(part["cv_scores"], whole["cv_scores"], atol=1e-6)
+    part = fit_and_score(X, Y, Xt, Yt, folds, ALPHAS, return_predictions=True, voxel_batch=7)
+    np.testing.assert_array_equal(part["alphas"], whole["alphas"])
+    np.testing.assert_allclose(part["predictions"], whole["predictions"], atol=1e-5)
+    np.testing.assert_allclose(part["cv_scores"], whole["cv_scores"], atol=1e-6)
+    # a memory limit does not change how the work is cut: the same bits, or a refusal
+    limited = fit_and_score(X, Y, Xt, Yt, folds, ALPHAS, return_predictions=True, mem_gb=1.0)
+    for key in ("alphas", "predictions", "cv_scores", "test_r"):
+        np.testing.assert_array_equal(limited[key], whole[key])
+    with pytest.raises(MemoryBudgetError):
+        fit_and_score(X, Y, Xt, Yt, folds, ALPHAS, mem_gb=1e-4)
 
 
 def test_out_of_memory_retry_halves_the_batch(monkeypatch):

@@ -135,9 +135,10 @@ def test_textgrid_picks_word_tier(tmp_path, phone_tier, word_tier, words_first):
 
 
 @needs_shared
-def test_textgrid_single_phone_tier():
-    phones = read_textgrid(SHARED / "audio/praatio-utterances/examples/files/bobby_phones.TextGrid")
-    assert phones.words[:3] == ("B", "AA1", "B") and len(phones) == 13
+def test_textgrid_with_only_a_phone_tier_is_refused():
+    """Phones are not words: a grid without a word tier must not be read as one (issue 11)."""
+    with pytest.raises(DataError, match="holds phones only"):
+        read_textgrid(SHARED / "audio/praatio-utterances/examples/files/bobby_phones.TextGrid")
 
 
 def test_textgrid_keeps_non_words(tmp_path):

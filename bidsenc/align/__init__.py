@@ -222,8 +222,9 @@ def temporal_filter(x: np.ndarray, tr: float, settings: AlignSettings,
     finite = np.isfinite(x).all(0)
     out = np.zeros_like(x)
     kwargs = {"filter": "cosine", "high_pass": settings.high_pass} if settings.high_pass else {"filter": False}
-    out[:, finite] = clean(x[:, finite], detrend=settings.detrend, standardize=None, t_r=tr,
-                           confounds=confounds, standardize_confounds=True, **kwargs)
+    if finite.any():  # a run with no finite column (all NaN) has nothing to filter; it is reported later
+        out[:, finite] = clean(x[:, finite], detrend=settings.detrend, standardize=None, t_r=tr,
+                               confounds=confounds, standardize_confounds=True, **kwargs)
     return out
 
 

@@ -50,7 +50,8 @@ def split_responses(runs: list[Run], responses: list[np.ndarray], test_stories: 
             raise DataError(f"{run.name}: {y.shape[0]} volumes read, {run.n_volumes} expected")
         finite = np.isfinite(y).all(0)
         valid &= finite & ~constant_columns(np.where(finite, y, 0.0))
-        cleaned.append(clean_run(y, run, settings, confounds[i] if confounds else None))
+        # float32 at once: all runs' float64 copies together were the run's peak memory (3x the responses)
+        cleaned.append(clean_run(y, run, settings, confounds[i] if confounds else None).astype(np.float32))
 
     train_runs = [r for r in runs if not _is_test(r, test_stories)]
     test_runs = [r for r in runs if _is_test(r, test_stories)]
@@ -59,7 +60,7 @@ def split_responses(runs: list[Run], responses: list[np.ndarray], test_stories: 
     for run, y in zip(runs, cleaned, strict=True):
         if run in train_runs:
             rows = kept_rows(run, settings, test=False)
-            train_rows.append(y[rows])
+            train_rows.append(_take(y, rows))
             groups.append(np.full(len(rows), names.index(run.segments[0].story_id)))
     test = repeats = None
     notes = []
@@ -73,18 +74,25 @@ def split_responses(runs: list[Run], responses: list[np.ndarray], test_stories: 
                 notes.append(f"{run.name} presents the test story with other timing than {reference.name}; "
                              "left out of the repeat average")
                 continue
-            blocks.append(y[kept_rows(run, settings, test=True)])
+            blocks.append(_take(y, kept_rows(run, settings, test=True)))
             used.append(run)
         n = min(len(b) for b in blocks)
         if any(len(b) != n for b in blocks):
             notes.append(f"test repeats differ in length; the first {n} volumes of each are used")
-        repeats = np.stack([b[:n] for b in blocks]).astype(np.float32)
+        repeats = np.stack([b[:n] for b in blocks]).astype(np.float32, copy=False)
         test = repeats.mean(0)
         test_runs = used
     for note in notes:
         log.warning(note)
-    return Responses(np.vstack(train_rows).astype(np.float32), np.concatenate(groups), names, test, repeats,
+    return Responses(np.vstack(train_rows).astype(np.float32, copy=False), np.concatenate(groups), names, test, repeats,
                      valid, train_runs, test_runs, notes)
+
+
+def _take(y: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``y[rows]``, as a view when the rows are consecutive (trimming keeps a contiguous range)."""
+    if len(rows) and rows[-1] - rows[0] + 1 == len(rows):
+        return y[rows[0]:rows[-1] + 1]
+    return y[rows]
 
 
 def features_for(responses: Responses, story_features: dict, settings: AlignSettings) -> tuple:

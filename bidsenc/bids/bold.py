@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,7 +101,7 @@ def check_mask(mask_path: Path, runs: list[Run]) -> None:
             raise DataError(f"--mask {mask_path.name} ({'x'.join(map(str, mask.shape[:3]))}) is not on the voxel grid "
                             f"of {run.bold.paths[0].name} ({'x'.join(map(str, bold.shape[:3]))}); resample it to "
                             "the BOLD grid")
-    if not (np.asarray(mask.dataobj) > 0).any():
+    if not (_image_data(mask, mask_path, np.float32) > 0).any():
         raise DataError(f"--mask {mask_path.name} selects no voxel")
 
 
@@ -108,9 +109,9 @@ def check_mask(mask_path: Path, runs: list[Run]) -> None:
 MIN_EPI_MASK_VOXELS = 1000
 
 
-def _varying(img) -> np.ndarray:
+def _varying(img, path: Path) -> np.ndarray:
     """Voxels whose time series is finite and not constant."""
-    data = np.asarray(img.dataobj, dtype=np.float64)
+    data = _image_data(img, path, np.float64)
     return np.isfinite(data).all(-1) & (np.ptp(np.nan_to_num(data), axis=-1) > 0)
 
 
@@ -124,13 +125,13 @@ def _load_nifti(runs: list[Run], mask_path: Path | None) -> tuple[list[np.ndarra
         masks = {mask_path}
     if masks:
         mask_imgs = [_nib_load(m) for m in sorted(masks)]
-        mask = np.logical_and.reduce([np.asarray(m.dataobj) > 0 for m in mask_imgs])
+        mask = np.logical_and.reduce([_image_data(m, p, np.float32) > 0 for m, p in zip(mask_imgs, sorted(masks), strict=True)])
         source = ", ".join(p.name for p in sorted(masks))
         if len(masks) > 1:
             source = f"intersection of {len(masks)} run masks"
     elif np.prod(imgs[0].shape[:3]) < MIN_EPI_MASK_VOXELS:
         # region or parcel time series stored as a small image: no brain to find, every signal counts
-        mask = np.logical_and.reduce([_varying(img) for img in imgs]) if \
+        mask = np.logical_and.reduce([_varying(img, p) for img, p in zip(imgs, paths, strict=True)]) if \
             len({img.shape[:3] for img in imgs}) == 1 else np.ones(imgs[0].shape[:3], bool)
         source = "every finite, non-constant voxel (the image is too small for an EPI brain mask)"
         log.info("%s has %d voxels per volume, too few for an EPI brain mask: using %s", paths[0].name,
@@ -138,7 +139,12 @@ def _load_nifti(runs: list[Run], mask_path: Path | None) -> tuple[list[np.ndarra
     else:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            mask = np.asarray(compute_multi_epi_mask(imgs).dataobj) > 0
+            try:
+                mask = np.asarray(compute_multi_epi_mask(imgs).dataobj) > 0
+            except _READ_ERRORS:
+                for img, path in zip(imgs, paths, strict=True):  # name the file that cannot be read
+                    _image_data(img, path, np.float32)
+                raise
         source = "computed from the EPI with nilearn compute_multi_epi_mask"
         log.info("brain mask %s: %d voxels", source, int(mask.sum()))
         for message in {" ".join(str(w.message).split()) for w in caught}:
@@ -155,7 +161,7 @@ def _load_nifti(runs: list[Run], mask_path: Path | None) -> tuple[list[np.ndarra
         if img.shape[:3] != shape3d or not np.allclose(img.affine, imgs[0].affine, atol=1e-3):
             raise DataError(f"{path.name}: its voxel grid differs from {paths[0].name}; runs of one "
                             "participant must share a space (use fMRIPrep outputs in one --space)")
-        data = np.asarray(img.dataobj, dtype=np.float32)
+        data = _image_data(img, path, np.float32)
         responses.append(np.ascontiguousarray(data[mask].T))
     space = Space("volume", int(mask.sum()), runs[0].bold.space, mask=mask, affine=imgs[0].affine,
                   mask_source=source)
@@ -175,7 +181,7 @@ def _load_like(runs: list[Run], kind: str, like: Space) -> tuple[list[np.ndarray
         img = _nib_load(run.bold.paths[0])
         if img.shape[:3] != like.mask.shape or not np.allclose(img.affine, like.affine, atol=1e-3):
             raise DataError(f"{run.name}: its voxel grid differs from the reference participant's")
-        responses.append(np.ascontiguousarray(np.asarray(img.dataobj, dtype=np.float32)[like.mask].T))
+        responses.append(np.ascontiguousarray(_image_data(img, run.bold.paths[0], np.float32)[like.mask].T))
     return responses, like
 
 
@@ -231,7 +237,7 @@ def _pycortex_mask(hdf5_path: Path, n_voxels: int):
     db = hdf5_path.parent.parent.parent / "pycortex-db" / subject / "transforms"
     for path in sorted(db.glob("*/mask_thick.nii.gz")) if db.is_dir() else []:
         img = _nib_load(path)
-        mask = np.asarray(img.dataobj) > 0
+        mask = _image_data(img, path, np.float32) > 0
         if int(mask.sum()) == n_voxels:
             return mask, img.affine, path
     return None
@@ -267,7 +273,7 @@ def find_regions(runs: list[Run], space: Space) -> tuple[np.ndarray, dict[int, s
         img = _nib_load(path)
         if img.shape[:3] != space.mask.shape or not np.allclose(img.affine, space.affine, atol=1e-3):
             continue
-        labels = np.rint(np.asarray(img.dataobj)).astype(np.int32)[space.mask]
+        labels = np.rint(_image_data(img, path, np.float64)).astype(np.int32)[space.mask]
         names = _dseg_names(path)
         present = {int(i) for i in np.unique(labels)}
         return labels, {i: n for i, n in names.items() if i in present}, path.name
@@ -319,6 +325,20 @@ def load_confounds(run: Run, patterns: tuple[str, ...]) -> np.ndarray | None:
         raise DataError(f"{path.name}: {len(table)} rows but {run.name} has {run.n_volumes} volumes")
     values = table[columns].apply(pd.to_numeric, errors="coerce")
     return values.fillna(values.mean()).fillna(0.0).to_numpy(dtype=np.float64)
+
+
+# What reading a truncated or corrupt image's data raises (a cut .nii.gz: EOFError or zlib.error;
+# a cut .nii: ValueError from the memory map; a bad gzip stream: BadGzipFile, an OSError).
+_READ_ERRORS = (EOFError, OSError, ValueError, zlib.error)
+
+
+def _image_data(img, path: Path, dtype) -> np.ndarray:
+    """An image's data as an array; a file that cannot be read whole is a data error naming it."""
+    try:
+        return np.asarray(img.dataobj, dtype=dtype)
+    except _READ_ERRORS as err:
+        raise DataError(f"{path}: its data cannot be read ({type(err).__name__}: {err}); the file is truncated "
+                        "or corrupt (an interrupted copy or download?): copy it again") from None
 
 
 def _nib_load(path: Path):

@@ -97,6 +97,13 @@ def open_dataset(cfg: RunConfig) -> Dataset:
                                   indexer=BIDSLayoutIndexer(validate=False, ignore=_IGNORE))
     except (ValueError, json.JSONDecodeError) as err:
         raise DataError(f"cannot index {cfg.inputs.bids_dir}: {err}") from None
+    except OSError as err:  # PyBIDS wraps a sidecar's JSONDecodeError in an OSError naming the file
+        if not isinstance(err.__cause__, json.JSONDecodeError):
+            raise
+        named = re.search(r"filename='([^']+)'", str(err))
+        raise DataError(f"{named.group(1) if named else 'a JSON sidecar'}: not valid JSON ({err.__cause__}); "
+                        "fix the file (the BIDS validator, run without --skip-bids-validation, lists such "
+                        "errors)") from None
     stimuli = cfg.inputs.stimuli_dir or cfg.inputs.bids_dir / "stimuli"
     log.info("dataset %s: %s layout%s", cfg.inputs.bids_dir, kind,
              f" (fMRIPrep outputs in {fmriprep_dir})" if fmriprep_dir else "")
@@ -201,13 +208,13 @@ def _discover_bids(dataset: Dataset, cfg: RunConfig, bold_files: list, exp: Expe
         else:
             for stim_file, onset in stimuli.items():
                 story = _bids_story(dataset, cfg, stim_file, event_words if len(stimuli) == 1 else None,
-                                    onset)
+                                    onset, events_path)
                 segments.append(Segment(_register(exp, story), float(onset)))
         exp.runs.append(Run(
             name=name,
             entities=_entities(path),
             tr=tr,
-            n_volumes=_n_volumes(bold),
+            n_volumes=_n_volumes(bold, cfg.execution.bids_database_dir),
             slice_time_ref=_slice_time_ref(metadata, tr),
             bold=bold,
             segments=tuple(segments),
@@ -224,6 +231,9 @@ def _read_events(path: Path) -> pd.DataFrame:
     if missing:
         raise DataError(f"{path}: events.tsv lacks the required column(s) {', '.join(missing)} "
                         f"(has: {', '.join(map(str, events.columns))})")
+    if events.empty:
+        raise DataError(f"{path}: events.tsv has a header but no rows; give one row per stimulus (onset, "
+                        "duration, stim_file) or remove the file if the run presents no story")
     if not pd.api.types.is_numeric_dtype(events["onset"]) or events["onset"].isna().any():
         raise DataError(f"{path}: the onset column must hold numbers in seconds")
     return events
@@ -237,9 +247,23 @@ def _stimulus_rows(events: pd.DataFrame) -> pd.Series:
     return rows.groupby("stim_file", sort=False)["onset"].min().sort_values()
 
 
+def _stimulus_path(stimuli_dir: Path, stim_file: str, events_path: Path) -> Path:
+    """``stimuli_dir / stim_file``, refused when the name leads out of the stimuli folder.
+
+    Checked on the name, not on the resolved file: a symbolic link inside the folder may point
+    anywhere (git-annex and DataLad datasets are made of them), but ``..`` or an absolute path
+    must not reach files the dataset does not hold.
+    """
+    parts = Path(stim_file).parts
+    if Path(stim_file).is_absolute() or ".." in parts or not parts:
+        raise DataError(f"{events_path}: stim_file {stim_file!r} leads outside the stimuli folder; BIDS "
+                        f"stim_file paths are relative to {stimuli_dir} and stay inside it")
+    return stimuli_dir / stim_file
+
+
 def _bids_story(dataset: Dataset, cfg: RunConfig, stim_file: str, event_words: WordTimings | None,
-                onset: float) -> Story:
-    stim_path = dataset.stimuli_dir / stim_file
+                onset: float, events_path: Path) -> Story:
+    stim_path = _stimulus_path(dataset.stimuli_dir, stim_file, events_path)
     story_id = str(Path(stim_file).with_suffix(""))
     audio = stim_path if stim_path.is_file() else None
     words = None
@@ -294,7 +318,7 @@ def _discover_ds003020(dataset: Dataset, cfg: RunConfig, participant: str, bold_
                 trimmed = DS003020_TRIM_TRS
             else:
                 bold = BoldSource("nifti", (path,))
-                n_volumes, trimmed = _n_volumes(bold), 0
+                n_volumes, trimmed = _n_volumes(bold, cfg.execution.bids_database_dir), 0
             trimmed_end = trimmed
             exp.runs.append(Run(
                 name=_run_name(path),
@@ -370,6 +394,13 @@ def _bold_source(dataset: Dataset, cfg: RunConfig, bf) -> BoldSource | None:
         if set(hemis) == {"L", "R"}:
             spaces[space] = BoldSource("gifti", (hemis["L"], hemis["R"]), space=space, preprocessed_by="fMRIPrep",
                                        confounds=confounds)
+    half = {space: hemis for space, hemis in by_space.items() if set(hemis) != {"L", "R"}}
+    if half and (not spaces or cfg.inputs.space in half):
+        space, hemis = next(iter(half.items()))
+        hemi, path = next(iter(hemis.items()))
+        raise DataError(f"{path}: fMRIPrep output in {space} for hemisphere {hemi} only; the other "
+                        "hemisphere's file is missing (an incomplete copy?): copy it too, or choose another "
+                        "--space")
     if not spaces:
         return None
     if cfg.inputs.space:
@@ -396,7 +427,7 @@ def _raw_mask(path: Path) -> Path | None:
     return None  # computed from the EPI with nilearn when the responses are loaded
 
 
-def _n_volumes(bold: BoldSource) -> int:
+def _n_volumes(bold: BoldSource, database: Path | None = None) -> int:
     import nibabel as nib
 
     path = bold.paths[0]
@@ -406,8 +437,14 @@ def _n_volumes(bold: BoldSource) -> int:
             return len(img.darrays)
         shape = img.header.get_data_shape()
     except FileNotFoundError:
-        raise MissingInputError(f"{path}: BOLD file is missing (a git-annex link without content? "
-                                "run `datalad get` on it)") from None
+        if path.is_symlink():
+            raise MissingInputError(f"{path}: BOLD file is a link to missing content (git-annex? run `datalad "
+                                    "get` on it)") from None
+        if database is not None:
+            raise MissingInputError(f"{path}: listed in the index in --bids-database-dir {database} but no longer "
+                                    "on disk: the index is stale; delete that folder (it is rebuilt) and "
+                                    "rerun") from None
+        raise MissingInputError(f"{path}: BOLD file is missing") from None
     except Exception as err:  # nibabel raises many types for corrupt headers
         raise DataError(f"{path}: not a readable BOLD image ({type(err).__name__}: {err})") from None
     if len(shape) != 4 or shape[3] < 2:

@@ -432,8 +432,21 @@ def _word_tier(path: Path, tg, name: str | None):
     named = [t for t in tiers if _WORD_TIER.fullmatch(t.name.strip())]
     if named:
         return named[0]
-    if len(tiers) == 2:
-        not_phones = [t for t in tiers if not _PHONE_TIER.search(t.name)]
-        if len(not_phones) == 1:
-            return not_phones[0]
-    return min(tiers, key=lambda t: sum(1 for e in t.entries if e.label))
+    not_phones = [t for t in tiers if not _PHONE_TIER.search(t.name) and not _looks_like_phones(t)]
+    if not not_phones:
+        raise _fail(path, f"holds phones only (tier(s) {', '.join(repr(t.name) for t in tiers)}), no word tier; "
+                          "bidsenc needs word timings: give a TextGrid with a word tier (e.g. from the "
+                          "Montreal Forced Aligner or Gentle)")
+    if len(not_phones) == 1:
+        return not_phones[0]
+    return min(not_phones, key=lambda t: sum(1 for e in t.entries if e.label))
+
+
+# ARPAbet vowels carry a stress digit (AH0, IY1); words never end in one.
+_STRESSED_PHONE = re.compile(r"[A-Za-z]{1,2}[012]")
+
+
+def _looks_like_phones(tier) -> bool:
+    """A tier whose labels are ARPAbet phones (a fifth or more with stress digits), whatever its name."""
+    labels = [e.label.strip() for e in tier.entries if e.label.strip()]
+    return bool(labels) and sum(bool(_STRESSED_PHONE.fullmatch(x)) for x in labels) >= 0.2 * len(labels)

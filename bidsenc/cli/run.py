@@ -38,10 +38,23 @@ _SECTIONS = {
 
 def main(argv: list[str] | None = None) -> int:
     """Run bidsenc; return the exit code."""
+    try:
+        return _main(argv)
+    finally:  # called from Python (tests, notebooks): the next call logs to its own files and stderr
+        root = logging.getLogger("bidsenc")
+        for handler in _HANDLERS:
+            root.removeHandler(handler)
+            handler.close()
+        _HANDLERS.clear()
+        root.propagate = True
+
+
+def _main(argv: list[str] | None) -> int:
     logs_dir = None
     # SLURM and container runtimes stop jobs with SIGTERM: unwind normally so that
     # feature-cache locks are released and no half-written output is left behind.
     signal.signal(signal.SIGTERM, _terminate)
+    _writable_config_dirs()
     try:
         cfg = configure(argv)
         logs_dir, run_id = _prepare_outputs(cfg)
@@ -64,6 +77,19 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         broken = broken_package(err)
         return _fail(broken) if broken else _crash(logs_dir)
+
+
+def _writable_config_dirs() -> None:
+    """With a read-only home (clusters, containers run as another user), point matplotlib at a
+    private temporary folder, as the container image does, instead of letting it warn."""
+    if os.environ.get("MPLCONFIGDIR"):
+        return
+    config = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    existing = next((p for p in (config / "matplotlib", config, config.parent) if p.exists()), None)
+    if existing is None or not os.access(existing, os.W_OK | os.X_OK):
+        import tempfile
+
+        os.environ["MPLCONFIGDIR"] = tempfile.mkdtemp(prefix="bidsenc-matplotlib-")
 
 
 def _terminate(signum, frame):
@@ -113,6 +139,9 @@ def _prepare_outputs(cfg: RunConfig) -> tuple[Path, str]:
     except OSError as err:
         raise OutputError(f"cannot create {err.filename}: {err.strerror}; choose an output_dir and "
                           "work dir you can write to") from None
+    cache = cfg.feature_cache
+    if cache.exists() and not cache.is_dir():
+        raise OutputError(f"feature cache {cache} is a file, not a folder; give --feature-cache a folder")
     return logs_dir, run_id
 
 
@@ -124,11 +153,18 @@ def _setup_logging(cfg: RunConfig, logfile: Path) -> None:
     to_file = logging.FileHandler(logfile)
     to_file.setFormatter(fmt)
     root = logging.getLogger("bidsenc")
-    for old in root.handlers:
+    for old in _HANDLERS:
+        root.removeHandler(old)
         old.close()
-    root.handlers[:] = [console, to_file]
+    _HANDLERS[:] = [console, to_file]
+    for handler in _HANDLERS:
+        root.addHandler(handler)
     root.setLevel(level)
     root.propagate = False
+
+
+# The handlers main() installed: errors before they exist go to stderr as plain lines.
+_HANDLERS: list[logging.Handler] = []
 
 
 def _run(cfg: RunConfig, logs_dir: Path, run_dir: Path) -> None:
@@ -150,11 +186,22 @@ def _run(cfg: RunConfig, logs_dir: Path, run_dir: Path) -> None:
         validate_bids(cfg.inputs.bids_dir)
     dataset = open_dataset(cfg)
     labels = select_participants(dataset, cfg)
+    _check_writable(cfg, labels)
     if cfg.execution.features_only:
         workflow.features_only(cfg, dataset, labels, logs_dir, run_dir, device)
         return
     workflow.each_participant(labels, lambda label: workflow.participant(cfg, dataset, label, logs_dir, run_dir,
                                                                         device))
+
+
+def _check_writable(cfg: RunConfig, labels: list[str]) -> None:
+    """Output folders that exist but cannot be written: found now, not after hours of fitting."""
+    out = cfg.inputs.output_dir
+    for folder in [out / f"sub-{label}" for label in labels] + [cfg.feature_cache]:
+        for path in (folder, *folder.glob("ses-*"), *folder.glob("**/func")) if folder.is_dir() else ():
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise OutputError(f"{path} exists but cannot be written to (permissions or a read-only mount); "
+                                  "fix its permissions or choose another output_dir")
 
 
 def _limit_threads(cfg: RunConfig) -> None:
@@ -170,7 +217,7 @@ def _limit_threads(cfg: RunConfig) -> None:
 
 
 def _fail(err: BidsencError) -> int:
-    if logging.getLogger("bidsenc").handlers:
+    if _HANDLERS:
         log.error(err.message)
     else:
         print(f"bidsenc: error: {err.message}", file=sys.stderr)
@@ -192,7 +239,7 @@ def _crash(logs_dir: Path | None) -> int:
             target = None
     where = str(target) if target else "(could not be written)"
     msg = f"internal error: {text.strip().splitlines()[-1]}; details in {where} (please report it)"
-    if logging.getLogger("bidsenc").handlers:
+    if _HANDLERS:
         log.error(msg)
     else:
         print(f"bidsenc: error: {msg}", file=sys.stderr)

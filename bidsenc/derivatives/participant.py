@@ -1,10 +1,14 @@
 """One participant's derivatives: maps with sidecars, array files and tables; and reading them back.
 
-Everything goes into ``sub-<label>/[ses-<label>/]func/``. It is first written to a
-hidden folder beside it, then moved in by renames, the marker
-``*_desc-models_summary.json`` last: it lists every file and the bidsenc version, and
-is what the group level checks before using a participant, so a reader never takes a
-mixture or a half-written set for a complete one.
+Everything goes into ``sub-<label>/[ses-<label>/]func/``, replaced as a whole folder: the
+new files are written to a hidden staging folder beside it, a complete new ``func/`` is
+assembled beside it (this analysis's new files plus hard links to the other analyses'
+files), and two renames swap it in; the old folder is removed only after the new one is
+in place.  One writer at a time per participant (a lock file in ``sub-<label>/``); a run
+killed at any moment leaves either the old or the new complete folder, and the next writer
+puts things right (see :func:`_recover`).  The marker ``*_desc-models_summary.json`` lists
+every file and the bidsenc version, and is what the group level checks before using a
+participant, so a reader never takes a mixture or a half-written set for a complete one.
 
 Array files (``*_encoding.npz``, read with ``np.load(allow_pickle=False)``):
 
@@ -29,6 +33,7 @@ Array files (``*_encoding.npz``, read with ``np.load(allow_pickle=False)``):
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
@@ -83,8 +88,59 @@ def write_participant(result: ParticipantResult, experiment, cfg) -> Path:
     prefix = participant_prefix(label, experiment.runs, space.name if space.kind != "index" else None)
     final = cfg.inputs.output_dir / _folder(prefix)
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.parent / f".func.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
+    with _exclusive(final.parent / LOCK_NAME):
+        _recover(final)
+        _write_and_swap(result, experiment, cfg, prefix, final)
+    log.info("sub-%s: outputs written in %s", label, final)
+    return final
+
+
+#: Held (flock) by the one job writing a participant's folder.
+LOCK_NAME = ".bidsenc.lock"
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """An exclusive lock on ``lock_path`` for the block (waits for another job holding it)."""
+    import fcntl
+
+    with open(lock_path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _recover(final: Path) -> None:
+    """Put a participant folder right after a writer was killed (under the lock).
+
+    ``.func.tmp-*`` (staged files) and ``.func.build-*`` (a new folder being assembled) are
+    incomplete by construction and go.  ``.func.new-*`` is a complete new folder (renamed
+    from its build name once whole) and ``.func.old-*`` the previous folder moved aside; if
+    the writer died between the two renames, ``func/`` is missing and the new folder (else
+    the old one) takes its place.  Whatever remains is removed.
+    """
+    parent, name = final.parent, final.name
+    for pattern in (f".{name}.tmp-*", f".{name}.build-*"):
+        for stale in parent.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)
+    if not final.exists():
+        for pattern in (f".{name}.new-*", f".{name}.old-*"):
+            found = sorted(parent.glob(pattern), key=lambda p: p.stat().st_mtime)
+            if found:
+                os.rename(found[-1], final)
+                log.warning("%s: restored after an interrupted run (from %s)", final, found[-1].name)
+                break
+    for pattern in (f".{name}.new-*", f".{name}.old-*"):
+        for stale in parent.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _write_and_swap(result: ParticipantResult, experiment, cfg, prefix: str, final: Path) -> None:
+    label = result.participant
+    space: Space = result.space
+    staging = final.parent / f".{final.name}.tmp-{os.getpid()}"
     staging.mkdir()
     try:
         writer = _Writer(staging, prefix, space, result, _sources(experiment.runs, cfg))
@@ -98,8 +154,7 @@ def write_participant(result: ParticipantResult, experiment, cfg) -> Path:
         _swap_in(staging, final, prefix)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    log.info("sub-%s: %d files written in %s", label, len(writer.files) + 1, final)
-    return final
+    log.debug("sub-%s: %d files", label, len(writer.files) + 1)
 
 
 def _folder(prefix: str) -> Path:
@@ -115,21 +170,38 @@ def _owned(name: str, prefix: str) -> bool:
 
 
 def _swap_in(staging: Path, final: Path, prefix: str) -> None:
-    """Replace this analysis's files in ``final`` by the staged ones; the marker goes last.
+    """Replace ``final`` by a folder holding the staged files and the other analyses' files.
 
-    Between the first and the last rename the marker is absent, so a reader sees the
-    analysis as incomplete, never as a mixture that looks complete.
+    The new folder is assembled under a build name and renamed ``.func.new-<pid>`` once
+    whole; then ``final`` is moved aside and the new folder moved in.  Other analyses'
+    files (another prefix) are hard-linked into the new folder (copied where links are not
+    possible), so nothing is lost if the job dies at any point.
     """
-    final.mkdir(exist_ok=True)
-    marker = f"{prefix}{MARKER_SUFFIX}"
-    (final / marker).unlink(missing_ok=True)
-    for old in final.iterdir():
-        if old.is_file() and _owned(old.name, prefix):
-            old.unlink()
-    for new in sorted(staging.iterdir()):
-        if new.name != marker:
-            os.replace(new, final / new.name)
-    os.replace(staging / marker, final / marker)
+    pid = os.getpid()
+    build = final.parent / f".{final.name}.build-{pid}"
+    ready = final.parent / f".{final.name}.new-{pid}"
+    aside = final.parent / f".{final.name}.old-{pid}"
+    build.mkdir()
+    if final.is_dir():
+        for item in final.iterdir():
+            if item.is_dir():
+                shutil.copytree(item, build / item.name, copy_function=_link_or_copy)
+            elif not _owned(item.name, prefix):
+                _link_or_copy(item, build / item.name)
+    for new in staging.iterdir():
+        os.replace(new, build / new.name)
+    os.rename(build, ready)
+    if final.exists():
+        os.rename(final, aside)
+    os.rename(ready, final)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _link_or_copy(src, dst) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # a file system without hard links
+        shutil.copy2(src, dst)
 
 
 def _write_all(w: _Writer, result: ParticipantResult, cfg) -> None:

@@ -204,6 +204,11 @@ def _extract_lowlevel(spec: FeatureSpec, stories: dict[str, Story], store: Featu
     _options(spec)
     missing = sorted(sid for sid, story in stories.items() if not lowlevel.has_input(name, story))
     if missing:
+        expected = stories[missing[0]].missing_audio
+        if lowlevel.needs(name) == "audio" and expected is not None:
+            raise MissingInputError(f"lowlevel:{name} needs the audio {expected.name}, which is not in "
+                                    f"{expected.parent}; put the stimuli there or point --stimuli-dir at them "
+                                    "(or leave this baseline out)")
         what = {"words": "word timings", "phones": "a TextGrid with a phone tier", "audio": "audio"}
         raise MissingInputError(f"lowlevel:{name} needs {what[lowlevel.needs(name)]} for every story; "
                                 f"{', '.join(missing[:5])} has none (leave this baseline out)")

@@ -43,6 +43,9 @@ def from_pretrained(loader, name: str, *, allow_download: bool, revision: str | 
     local = Path(name).expanduser()
     if local.exists() and not local.is_dir():
         raise UsageError(f"model {name}: a model is a folder (save_pretrained) or a hub id, not a file")
+    if not local.exists() and _is_path(name):
+        raise MissingInputError(f"model folder {local} does not exist; give a folder written by save_pretrained "
+                                "(or hf download --local-dir), or a hub id such as facebook/opt-125m")
     try:
         with quiet_transformers():
             return loader.from_pretrained(str(local) if local.is_dir() else name, revision=revision,
@@ -55,6 +58,11 @@ def from_pretrained(loader, name: str, *, allow_download: bool, revision: str | 
             f"(`hf download {name} --local-dir DIR/{name}`, then pass --model-dir DIR) or rerun with "
             "--allow-download"
         ) from None
+
+
+def _is_path(name: str) -> bool:
+    """A name that can only be a file-system path: hub ids are ``name`` or ``org/name``."""
+    return name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or "\\" in name
 
 
 def model_fingerprint(name: str, config, revision: str | None = None) -> str:

@@ -72,10 +72,13 @@ rounding; doing the same sums in the same order makes bidsenc pick himalaya's al
 those voxels too (on the ``small`` benchmark, himalaya's own numpy and torch backends
 disagree on 0.5% of voxels, bidsenc and himalaya-torch on 0.01%).
 
-Voxels run in batches sized from the free GPU memory (``torch.cuda.mem_get_info``) or,
-on the CPU, from ``mem_gb`` (default: half the available RAM, at most 4 GiB; inputs,
-the ``n x n`` kernel and per-fold eigenvectors come on top); a batch that runs out of GPU
-memory is retried at half its size, and later folds keep the smaller size.
+Voxels run in batches of a fixed size (:data:`VOXEL_BATCH`), and the stacked operator in
+chunks of a fixed size, whatever the free memory: the width of a product can change the
+order in which BLAS sums, and near-tied scores of noise voxels would then pick other
+alphas on a busy machine than on an idle one.  ``mem_gb`` is a limit, not a knob: a
+problem whose batch does not fit in it is refused (:class:`MemoryBudgetError`) rather
+than computed differently.  A batch that runs out of GPU memory is still retried at half
+its size (with a warning), and later folds keep the smaller size.
 
 Precision: float32 by default (``dtype="float64"`` for reference checks).  TF32
 tensor-core matmuls on CUDA are off by default.  With TF32 emulated on the CPU (matmul
@@ -100,6 +103,8 @@ __all__ = [
     "DEFAULT_ALPHAS",
     "REFERENCE_ALPHAS",
     "SCORES",
+    "VOXEL_BATCH",
+    "MemoryBudgetError",
     "RidgeCVResult",
     "alpha_to_reference",
     "fit_and_score",
@@ -128,6 +133,31 @@ _CONSTANT_RTOL = 1e-24
 _CHUNK_ELEMENTS = 2**23
 # Safety factor on the per-voxel working-memory estimate used for batch sizes.
 _MEMORY_MARGIN = 1.3
+#: Voxels per batch, whatever the memory: how many columns a product has can change the order in
+#: which BLAS and cuBLAS sum, hence the last bits of near-tied scores, hence the alpha chosen; with
+#: a fixed batch, results do not depend on the free memory or on ``mem_gb``, which is a limit.
+VOXEL_BATCH = 2048
+# Elements of one chunk of the stacked per-alpha validation operator (2**27: 512 MiB in float32).
+_OPERATOR_CHUNK_ELEMENTS = 2**27
+
+
+class MemoryBudgetError(MemoryError):
+    """``mem_gb`` is smaller than one fixed-size batch needs."""
+
+    def __init__(self, need_bytes: int, budget_bytes: int, what: str):
+        self.need_gb, self.budget_gb = need_bytes / 2**30, budget_bytes / 2**30
+        super().__init__(f"{what} needs {self.need_gb:.2f} GiB for a batch of voxels, more than the "
+                         f"{self.budget_gb:.2f} GiB allowed")
+
+
+def _plan_batch(data, voxel_batch, per_voxel_bytes: int, fixed_bytes: int, what: str) -> int:
+    """The voxel batch: ``voxel_batch`` if given, else :data:`VOXEL_BATCH`; checked against an explicit ``mem_gb``."""
+    batch = int(voxel_batch) if voxel_batch else min(VOXEL_BATCH, max(1, data.n_valid))
+    if data.mem_gb is not None:
+        need = fixed_bytes + batch * per_voxel_bytes + data.input_bytes
+        if need > data.budget():
+            raise MemoryBudgetError(need, data.budget(), what)
+    return batch
 # "auto" (by counting multiply-adds), or "folded" / "factored" to force a CV operator (tests).
 _OPERATOR = "auto"
 
@@ -249,6 +279,12 @@ class _Data:
 
     def budget(self) -> int:
         return _backend.memory_budget(self.device, self.mem_gb)
+
+    @property
+    def input_bytes(self) -> int:
+        """The design on the device and, when kept there, the responses."""
+        resident = self._Y.numel() * self.itemsize if self._Y.device == self.device and self._cols is None else 0
+        return self.X.numel() * self.itemsize + resident
 
 
 def _valid_columns(Y) -> np.ndarray:
@@ -583,21 +619,16 @@ def _cv_scores(data: _Data, folds, alphas, score, form, voxel_batch):
     cap = None  # lowered after an out-of-memory retry, for the folds that follow
     for f, ((train, val), kernel) in enumerate(zip(folds, kernels)):
         op = _FoldOperator(data, K, train, val, alphas_t, kernel)
-        # Alphas in chunks when the stacked operator would take more than half the budget.
+        # Alphas in chunks of a fixed operator size (not a share of the free memory: see VOXEL_BATCH).
         per_alpha = op.operator_bytes(1)
-        chunk = n_alphas if per_alpha == 0 else int(min(n_alphas, max(1, data.budget() // 2 // per_alpha)))
+        chunk = n_alphas if per_alpha == 0 else \
+            int(min(n_alphas, max(1, _OPERATOR_CHUNK_ELEMENTS * data.itemsize // per_alpha)))
         for c0 in range(0, n_alphas, chunk):
             sl = slice(c0, min(n_alphas, c0 + chunk))
             n_c = sl.stop - sl.start
+            per_voxel = int(_MEMORY_MARGIN * op.elements_per_voxel(data.n, n_c) * data.itemsize)
+            batch = _plan_batch(data, voxel_batch, per_voxel, op.operator_bytes(n_c), f"cross-validation fold {f}")
             op.prepare(sl)
-            if voxel_batch is None:
-                budget = data.budget()
-                if data.device.type == "cpu":  # on a GPU the free memory already excludes it
-                    budget -= op.operator_bytes(n_c)
-                per_voxel = int(_MEMORY_MARGIN * op.elements_per_voxel(data.n, n_c) * data.itemsize)
-                batch = _backend.batch_size(budget, per_voxel, data.n_valid)
-            else:
-                batch = int(voxel_batch)
             if cap is not None:
                 batch = min(batch, cap)
             log.debug("fold %d: %s form, %s operator, alphas %d-%d, %d voxels per batch", f,
@@ -671,7 +702,7 @@ def _refit(data: _Data, alpha_valid, *, X_test=None, Y_test=None, want_predictio
     r = s.shape[0]
     per_voxel = n + r + (0 if kernel else p) + 3 * n_test + (p if want_weights else 0)
     per_voxel = int(_MEMORY_MARGIN * per_voxel * data.itemsize)
-    batch = voxel_batch or _backend.batch_size(data.budget(), per_voxel, n_valid)
+    batch = _plan_batch(data, voxel_batch, per_voxel, basis.numel() * data.itemsize, "refit")
 
     def step(a, b):
         Yb = data.responses(a, b)
@@ -747,7 +778,8 @@ def ridge_cv(X_train, Y_train, folds, alphas=DEFAULT_ALPHAS, *, device="cpu", dt
     voxel_batch : int, optional
         Voxels per batch; default from the device's free memory (GPU) or ``mem_gb`` (CPU).
     mem_gb : float, optional
-        Memory budget for voxel batches, in GiB (default: see module docstring).
+        Memory limit in GiB: :class:`MemoryBudgetError` when one batch would need more
+        (default: no check; batches have a fixed size, see the module docstring).
     return_weights : bool
         Refit on all training rows and return the weights.
     allow_tf32 : {False, True, "cv"}
