@@ -102,11 +102,6 @@ def memory_budget(device, mem_gb: float | None = None) -> int:
     return int(min(_CPU_BUDGET_CAP, _CPU_BUDGET_SHARE * available))
 
 
-def batch_size(budget_bytes: int, bytes_per_item: int, n_items: int) -> int:
-    """How many items (voxels) of ``bytes_per_item`` fit in ``budget_bytes``: between 1 and ``n_items``."""
-    return int(max(1, min(max(n_items, 1), budget_bytes // max(1, bytes_per_item))))
-
-
 def _oom_probe(n_items: int) -> None:
     """Called with the size of every batch before it runs; a test hook for the OOM retry path.
 

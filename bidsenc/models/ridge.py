@@ -149,15 +149,6 @@ class MemoryBudgetError(MemoryError):
         super().__init__(f"{what} needs {self.need_gb:.2f} GiB for a batch of voxels, more than the "
                          f"{self.budget_gb:.2f} GiB allowed")
 
-
-def _plan_batch(data, voxel_batch, per_voxel_bytes: int, fixed_bytes: int, what: str) -> int:
-    """The voxel batch: ``voxel_batch`` if given, else :data:`VOXEL_BATCH`; checked against an explicit ``mem_gb``."""
-    batch = int(voxel_batch) if voxel_batch else min(VOXEL_BATCH, max(1, data.n_valid))
-    if data.mem_gb is not None:
-        need = fixed_bytes + batch * per_voxel_bytes + data.input_bytes
-        if need > data.budget():
-            raise MemoryBudgetError(need, data.budget(), what)
-    return batch
 # "auto" (by counting multiply-adds), or "folded" / "factored" to force a CV operator (tests).
 _OPERATOR = "auto"
 
@@ -302,6 +293,16 @@ def _valid_columns(Y) -> np.ndarray:
         ok = torch.isfinite(var) & (var > _CONSTANT_RTOL * (var + mean * mean))
         valid[a:b] = ok.cpu().numpy()
     return valid
+
+
+def _plan_batch(data, voxel_batch, per_voxel_bytes: int, fixed_bytes: int, what: str) -> int:
+    """The voxel batch: ``voxel_batch`` if given, else :data:`VOXEL_BATCH`; checked against an explicit ``mem_gb``."""
+    batch = int(voxel_batch) if voxel_batch else min(VOXEL_BATCH, max(1, data.n_valid))
+    if data.mem_gb is not None:
+        need, budget = fixed_bytes + batch * per_voxel_bytes + data.input_bytes, data.budget()
+        if need > budget:
+            raise MemoryBudgetError(need, budget, what)
+    return batch
 
 
 def _check_alphas(alphas) -> np.ndarray:
@@ -776,7 +777,7 @@ def ridge_cv(X_train, Y_train, folds, alphas=DEFAULT_ALPHAS, *, device="cpu", dt
         ``R2 = 1 - var(y - p) / ((1 + var(y)) / 2)`` over the validation rows (variances
         with ddof 0; it assumes z-scored validation data); ``use_corr=True`` is ``"r"``.
     voxel_batch : int, optional
-        Voxels per batch; default from the device's free memory (GPU) or ``mem_gb`` (CPU).
+        Voxels per batch; default :data:`VOXEL_BATCH` (fixed, so results do not depend on memory).
     mem_gb : float, optional
         Memory limit in GiB: :class:`MemoryBudgetError` when one batch would need more
         (default: no check; batches have a fixed size, see the module docstring).
