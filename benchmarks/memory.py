@@ -6,15 +6,16 @@ uncompressed NIfTI on a grid of that many voxels, responses that follow the word
 plus noise, word tables) with a mask of every voxel, and runs the real command line
 (``python -m bidsenc DS OUT participant --feature lowlevel:word_rate --mem MEM``) in a
 child process. The child's peak resident memory comes from ``getrusage`` after it exits,
-its wall time from the clock, and the largest arrays it held are the responses (volumes x
-voxels float32) and, for the scores, the test repeats.
+its wall time from the clock, and its largest arrays from its own account of them under
+``--mem`` (the ``memory:`` log line: what the process held before reading the responses,
+the responses kept, and what was left for ridge batches).
 
 Prints one line per size, then ``peak_rss_ratio_100k_to_20k=<x>`` last (the goal is at
 most 5.5: memory should grow no faster than the data, with a fixed part on top). Each run
 must stay under the ``--mem`` it was given (checked; a run over it is reported).
 
-This is not the ds003020 scale (27,000 volumes, 95,000 voxels: 10 GB of float32
-responses); ``--volumes 27000 --voxels 95000`` runs it on a machine with the memory.
+The ds003020 scale (27,000 volumes, 95,000 voxels: 10 GB of float32 responses, and
+10 GB of NIfTI on disk) is ``--volumes 27000 --voxels 95000 --stories 80``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -74,14 +76,20 @@ def make_dataset(root: Path, n_voxels: int, n_volumes: int, n_stories: int, seed
     return root
 
 
-def peak_rss_of(command: list[str]) -> tuple[int, float, int]:
-    """Run ``command``; return its exit code, wall time (s) and peak RSS (bytes), via a one-child wrapper."""
+def peak_rss_of(command: list[str]) -> tuple[int, float, int, str]:
+    """Run ``command``; return its exit code, wall time (s), peak RSS (bytes) and its log, via a one-child wrapper."""
     wrapper = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
                "code = subprocess.call(sys.argv[1:]); "
                "print(code, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
     out = subprocess.run([sys.executable, "-c", wrapper, *command], capture_output=True, text=True, check=True)
     code, wall, kib = out.stdout.split()[-3:]
-    return int(code), float(wall), int(kib) * 1024
+    return int(code), float(wall), int(kib) * 1024, out.stderr
+
+
+def memory_line(log: str) -> str:
+    """The run's own account of its largest arrays (logged under ``--mem``), or its last error line."""
+    lines = [line for line in log.splitlines() if " memory: " in line or "error" in line.lower()]
+    return lines[-1].split(": ", 1)[-1].strip() if lines else ""
 
 
 def main() -> None:
@@ -105,14 +113,19 @@ def main() -> None:
                        "--mask", str(ds / "mask.nii.gz"), "--feature", "lowlevel:word_rate", "--mem", args.mem,
                        "--null-draws", "0", "--data-scaling-seeds", "0", "--n-permutations", "100",
                        "--skip-bids-validation", "--no-reports", "--nprocs", str(os.cpu_count())]
-            code, wall, rss = peak_rss_of(command)
+            code, wall, rss, log = peak_rss_of(command)
             responses = args.volumes * n * 4
             results[n] = rss
             print(f"voxels={n} volumes={args.volumes} exit={code} wall_s={wall:.1f} peak_rss_gb={rss / 1e9:.2f} "
-                  f"responses_gb={responses / 1e9:.2f} rss_over_responses={rss / responses:.1f} "
+                  f"responses_gb={responses / 1e9:.2f} rss_over_responses={rss / responses:.2f} "
                   f"under_mem={'yes' if rss <= limit else 'NO'}", flush=True)
+            print(f"  largest arrays: {memory_line(log)}", flush=True)
+            if not args.keep:  # the next size's dataset needs the disk
+                for folder in (ds, out, work):
+                    shutil.rmtree(folder, ignore_errors=True)
     small, large = min(results), max(results)
-    print(f"peak_rss_ratio_{large // 1000}k_to_{small // 1000}k={results[large] / results[small]:.2f}")
+    if large != small:
+        print(f"peak_rss_ratio_{large // 1000}k_to_{small // 1000}k={results[large] / results[small]:.2f}")
 
 
 if __name__ == "__main__":

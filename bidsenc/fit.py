@@ -8,14 +8,15 @@ is the job of :mod:`bidsenc.derivatives`.
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import numpy as np
 import pandas as pd
 
-from .align import AlignSettings, constant_columns, kept_rows
-from .align.design import clean_run, features_for, split_responses
-from .bids.bold import NATIVE_SPACES, find_regions, load_confounds, load_responses
+from .align import AlignSettings, kept_rows
+from .align.design import CLEAN_CHUNK_ELEMENTS, clean_run, features_for, planned_rows, split_responses
+from .bids.bold import NATIVE_SPACES, find_regions, load_confounds, read_responses, run_read_bytes
 from .bids.experiment import Experiment
 from .config import DEFAULT_HIGH_PASS, RunConfig
 from .errors import DataError, MissingInputError, UsageError
@@ -26,7 +27,7 @@ from .models.encoding import (
     evaluate_layer,
     evaluate_layer_outer,
     noise_ceiling,
-    out_of_fold_predictions,
+    out_of_fold_residual_covariance,
     select_best_layer,
     shuffled_null,
     significance,
@@ -65,10 +66,73 @@ def fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, device
                 return _fit_participant(cfg, experiment, spaces, device, peers)
         finally:
             torch.set_num_threads(threads)
-    except MemoryBudgetError as err:
-        raise UsageError(f"--mem {cfg.execution.mem_gb:g} GB is too small for sub-{experiment.participant}: {err}; "
-                         f"give --mem of at least {np.ceil(err.need_gb * 1.1 + 1):.0f}GB (bidsenc's batches have a "
-                         "fixed size, so that results do not depend on memory)") from None
+    except MemoryBudgetError as err:  # the ridge had --mem less what the run holds (see _host_memory_plan)
+        held_gb = cfg.execution.mem_gb - err.budget_gb * 2**30 / 1e9
+        need_gb = err.need_gb * 2**30 / 1e9 + held_gb
+        raise UsageError(f"--mem {cfg.execution.mem_gb:g} GB is too small for sub-{experiment.participant}: {err}, "
+                         f"beside the {held_gb:.1f} GB the run holds; give --mem of at least "
+                         f"{np.ceil(need_gb * 1.1):.0f}GB (bidsenc's batches have a fixed size, so that results do "
+                         "not depend on memory)") from None
+
+
+def _host_memory_plan(cfg: RunConfig, experiment: Experiment, space, settings: AlignSettings,
+                      test_stories: list[str], spaces: list, device: str) -> float | None:
+    """Check ``--mem`` against what this participant's run will hold; return the ridge's share (GiB).
+
+    Counted, before any response is read: what the process holds now (libraries, model
+    caches), the responses it keeps (float32: training rows, test repeats and their mean,
+    every voxel of the space), at the peak of loading one run as read plus its cleaning
+    chunks, and, when spaces are stacked, every model's predictions of one fold. On the
+    CPU the ridge's batches get what is left; on a GPU they live in its memory, which
+    ``--mem`` does not bound. Without ``--mem``: None.
+    """
+    mem_gb = cfg.execution.mem_gb
+    if mem_gb is None:
+        return None
+    m = cfg.models
+    n_train, rows = planned_rows(experiment.runs, test_stories, settings)
+    responses = 4 * space.n_voxels * rows
+    n_models = sum(not _is_baseline(fs) for fs in spaces)
+    # stacking predicts one fold at a time with every model: a fold holds about 1/n_folds of the rows
+    fold_rows = int(np.ceil(2 * n_train / max(1, m.n_folds)))
+    stacking = 4 * space.n_voxels * fold_rows * (n_models + 1) if (m.stacking and n_models >= 2 and test_stories
+                                                                    and m.preset != "reference") else 0
+    now = _resident_bytes()
+    reading = max(run_read_bytes(run, space) for run in experiment.runs) + _CLEANING_BYTES
+    limit = mem_gb * 1e9
+    held = now + responses + stacking
+    if held + max(reading, _MIN_RIDGE_BYTES) > limit:
+        parts = [f"the process holds {now / 1e9:.1f} GB now",
+                 f"its responses take {responses / 1e9:.1f} GB ({rows:,} volumes x {space.n_voxels:,} voxels, float32)",
+                 f"reading a run {reading / 1e9:.1f} GB more"]
+        if stacking:
+            parts.append(f"stacking {n_models} models predicts a fold with each ({stacking / 1e9:.1f} GB; "
+                         "stacking = false under [models] in a --config-file saves it)")
+        need = held + max(reading, _MIN_RIDGE_BYTES)
+        raise UsageError(f"--mem {mem_gb:g} GB is too small for sub-{experiment.participant}: {'; '.join(parts)}; "
+                         f"give --mem of at least {np.ceil(need * 1.1 / 1e9):.0f}GB, or fewer voxels (--mask)")
+    log.info("sub-%s: memory: %.1f GB held, %.1f GB of responses%s; %.1f GB of --mem %g GB left for ridge batches",
+             experiment.participant, now / 1e9, responses / 1e9,
+             f", {stacking / 1e9:.1f} GB of stacking's fold predictions" if stacking else "", (limit - held) / 1e9,
+             mem_gb)
+    if str(device).startswith("cuda"):
+        return None
+    return (limit - held) / 2**30
+
+
+# What cleaning a run takes besides the run itself: a few float64 copies of one column chunk.
+_CLEANING_BYTES = 16 * 8 * CLEAN_CHUNK_ELEMENTS
+# Less than this left for the ridge after the responses is refused at once rather than after hours.
+_MIN_RIDGE_BYTES = 2**30
+
+
+def _resident_bytes() -> int:
+    """This process's resident memory now (Linux); 0 where it cannot be read."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _problem_size(experiment: Experiment) -> int:
@@ -99,20 +163,18 @@ def _fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, devic
         log.warning("sub-%s: no story was heard twice and none was named with --test-stories: scores come from "
                     "an outer leave-stories-out loop (contiguous blocks for a single story), and there is no "
                     "repeat-based noise ceiling", label)
-    responses, space = load_responses(experiment.runs, cfg.inputs.mask)
+    space, responses = read_responses(experiment.runs, cfg.inputs.mask)
+    ridge_mem_gb = _host_memory_plan(cfg, experiment, space, settings, test_stories, spaces, device)
     confounds = [load_confounds(run, m.confounds) for run in experiment.runs] if m.confounds else None
     resp = split_responses(experiment.runs, responses, test_stories, settings, confounds=confounds)
     if resp.test is None and not outer:
         raise DataError(f"sub-{label}: none of the test stories {test_stories} was heard")
     if not resp.valid.any():
-        dead = [run.name for run, y in zip(experiment.runs, responses, strict=True)
-                if (constant_columns(y) | ~np.isfinite(y).all(0)).all()]
-        which = (f"run(s) {', '.join(dead)} hold no usable signal (every voxel constant, e.g. all zero, or not "
-                 "finite)" if dead else f"every one of the {space.n_voxels} voxels is constant or not finite in "
-                 f"some of its {len(experiment.runs)} runs")
+        which = (f"run(s) {', '.join(resp.empty_runs)} hold no usable signal (every voxel constant, e.g. all zero, "
+                 "or not finite)" if resp.empty_runs else f"every one of the {space.n_voxels} voxels is constant "
+                 f"or not finite in some of its {len(experiment.runs)} runs")
         raise DataError(f"sub-{label}: {which}; check those BOLD files (e.g. with nilearn's plotting.plot_epi) "
                         "or leave them out with --bids-filter-file")
-    del responses  # split_responses holds what the fit needs; the raw runs are as large again
     convention = "reference" if reference else "consistent"
     ceiling = None if outer else noise_ceiling(resp.test_repeats, floor=m.ceiling_floor, convention=convention)
     tr = experiment.runs[0].tr
@@ -125,12 +187,12 @@ def _fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, devic
     score = m.cv_score or ("reference" if reference else "r2")
     # every ridge fit of this participant: the reference preset computes in float64 like the reference code,
     # so that near-tied alphas of noise voxels are decided as it decides them
-    ridge = {"score": score, "device": device, "mem_gb": cfg.execution.mem_gb,
+    ridge = {"score": score, "device": device, "mem_gb": ridge_mem_gb,
              "dtype": "float64" if reference else "float32"}
-    valid = resp.valid
-    y_train = resp.train[:, valid]
-    y_test = y_train if outer else resp.test[:, valid]
-    ceil_v = ceiling[valid].astype(np.float32) if ceiling is not None else None
+    valid = resp.valid  # resp's columns are the valid voxels
+    y_train = resp.train
+    y_test = y_train if outer else resp.test
+    ceil_v = ceiling.astype(np.float32) if ceiling is not None else None
     ceiling_info = {"kind": "cc_max", "description": "CC_max (Schoppe et al. 2016) from the test repeats",
                     "convention": convention, "floor": m.ceiling_floor}
     if outer:
@@ -155,7 +217,7 @@ def _fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, devic
     if m.data_scaling_seeds and not will_scale:
         log.info("sub-%s: no data-scaling curve without a test story", label)
     rows, models, scaling_rows = [], [], []
-    joint = {"names": [], "oof": [], "test_predictions": [], "x_train": [], "x_test": []}
+    joint = {"names": [], "designs": [], "alphas": [], "test_predictions": [], "x_train": [], "x_test": []}
     for fs in spaces:
         fits, layer_rows, kept = [], [], None  # kept: the best layer so far with its design, reused below
         for layer in fs.layers:
@@ -197,8 +259,8 @@ def _fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, devic
         if combined:
             joint["names"].append(fs.name)
         if will_stack and combined:
-            joint["oof"].append(out_of_fold_predictions(x_train, y_train, folds, chosen.alphas, device=device,
-                                                        mem_gb=cfg.execution.mem_gb, dtype=ridge["dtype"]))
+            joint["designs"].append(x_train)
+            joint["alphas"].append(chosen.alphas)
             joint["test_predictions"].append(chosen.predictions)
         if will_band and combined:
             joint["x_train"].append(x_train)
@@ -209,7 +271,9 @@ def _fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, devic
 
     stacked = banded = None
     if will_stack:
-        stacked = stack_spaces(joint["names"], joint["oof"], joint["test_predictions"], y_train, y_test)
+        residual_cov = out_of_fold_residual_covariance(joint["designs"], joint["alphas"], y_train, folds,
+                                                       device=device, mem_gb=ridge_mem_gb, dtype=ridge["dtype"])
+        stacked = stack_spaces(joint["names"], residual_cov, joint["test_predictions"], y_test)
         rows.append(_joint_row("stacked", stacked.r, stacked.r2, ceil_v, threshold))
     if will_band:
         banded = _banded(joint["names"], joint["x_train"], y_train, joint["x_test"], y_test, folds, alphas, device,
@@ -283,7 +347,7 @@ def _intersubject_ceiling(experiment, peers, resp, space, settings, m):
     if not peers or space.name in NATIVE_SPACES or space.kind == "index":
         return None, none
     offsets = np.cumsum([0] + [len(kept_rows(run, settings, test=False)) for run in resp.train_runs])
-    total = np.zeros(resp.train.shape, dtype=np.float64)
+    total = np.zeros(resp.train.shape, dtype=np.float32)  # on this participant's valid voxels
     count = np.zeros(len(resp.train))
     used = []
     for peer in peers:
@@ -291,23 +355,25 @@ def _intersubject_ceiling(experiment, peers, resp, space, settings, m):
         pairs = [(i, theirs[_timing(run)]) for i, run in enumerate(resp.train_runs) if _timing(run) in theirs]
         if not pairs:
             continue
-        try:  # cleaned exactly as this participant's responses are
-            ys, _ = load_responses([run for _, run in pairs], like=space)
+        try:  # cleaned exactly as this participant's responses are, one run at a time
+            _, ys = read_responses([run for _, run in pairs], like=space)
             confounds = [load_confounds(run, m.confounds) for _, run in pairs]
+            added = np.zeros_like(total)
+            for (i, run), conf in zip(pairs, confounds, strict=True):
+                rows = kept_rows(run, settings, test=False)
+                added[offsets[i]:offsets[i] + len(rows)] = clean_run(next(ys)[:, resp.valid], run, settings, conf)[rows]
         except (DataError, MissingInputError) as err:
             log.info("inter-subject ceiling: sub-%s left out (%s)", peer.participant, err.message)
             continue
-        for (i, run), y, conf in zip(pairs, ys, confounds, strict=True):
-            rows = kept_rows(run, settings, test=False)
-            cleaned = clean_run(y, run, settings, conf)
-            total[offsets[i]:offsets[i] + len(rows)] += cleaned[rows]
-            count[offsets[i]:offsets[i] + len(rows)] += 1
+        total += added
+        for i, run in pairs:
+            count[offsets[i]:offsets[i] + len(kept_rows(run, settings, test=False))] += 1
         used.append(peer.participant)
     have = count > 0
     if not used or have.sum() < 20:
         return None, none
-    others = (total[have] / count[have, None])[:, resp.valid]
-    isc = np.nan_to_num(pearson_r(others, resp.train[have][:, resp.valid]))
+    others = total[have] / count[have, None].astype(np.float32)
+    isc = np.nan_to_num(pearson_r(others, resp.train[have]))
     n_others = float(count[have].mean())
     ceiling = intersubject_reliability(isc, n_others).astype(np.float32)
     log.info("inter-subject ceiling from %d other participants over %d volumes: median %.3f", len(used),
@@ -433,7 +499,7 @@ def _data_scaling(name, layer, x_train, x_test, resp, y_train, y_test, alphas, c
                 if repeat == 0:
                     log.info("data scaling, %s, %d of %d stories: skipped (%s)", name, n, n_units, err.message)
                 continue
-            out = fit_and_score(x_train[rows_in], y_train[rows_in], x_test, y_test, folds, alphas, **ridge)
+            out = fit_and_score(x_train, y_train, x_test, y_test, folds, alphas, train_rows=rows_in, **ridge)
             r = out["test_r"]
             stories = [sid for g in picked for sid in stories_of[int(g)]]
             rows.append({"model": name, "layer": layer, "n_stories": len(stories),

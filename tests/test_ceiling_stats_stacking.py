@@ -421,3 +421,31 @@ def test_stacking_speed_100k_voxels():
     print(f"\nstacking {V} voxels x {J} spaces x {T} TRs: residual covariance {middle - start:.2f} s, "
           f"exact QP solve {end - middle:.2f} s")
     np.testing.assert_allclose(W.mean(axis=1), [0.5, 0.3, 0.2], atol=0.01)
+
+
+def test_residual_covariance_fold_by_fold_equals_it_from_all_out_of_fold_predictions():
+    """Stacking's residual covariance accumulated per fold is the one of the full out-of-fold predictions."""
+    from bidsenc.models.cv import leave_stories_out
+    from bidsenc.models.encoding import (
+        out_of_fold_predictions,
+        out_of_fold_residual_covariance,
+        stack_spaces,
+    )
+
+    rng = np.random.default_rng(4)
+    n, v = 240, 30
+    groups = np.repeat(np.arange(6), n // 6)
+    designs = [rng.standard_normal((n, p)).astype(np.float32) for p in (5, 12)]
+    y = (designs[0][:, :1] + 0.5 * designs[1][:, :1] + rng.standard_normal((n, v))).astype(np.float32)
+    folds = leave_stories_out(groups, 3, seed=0, gap=0)
+    alphas = [np.full(v, 10.0), np.logspace(0, 3, v)]
+    oof = np.stack([out_of_fold_predictions(x, y, folds, a) for x, a in zip(designs, alphas, strict=True)])
+    expected = stacking.residual_covariance(oof, y)
+    got = out_of_fold_residual_covariance(designs, alphas, y, folds)
+    assert got.shape == (v, 2, 2)
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
+    test_pred = [rng.standard_normal((20, v)), rng.standard_normal((20, v))]
+    result = stack_spaces(["a", "b"], got, test_pred, rng.standard_normal((20, v)))
+    np.testing.assert_allclose(result.weights, stacking.stack_weights(oof, y), atol=1e-6)
+    with pytest.raises(ValueError, match="exactly once"):
+        out_of_fold_residual_covariance(designs, alphas, y, folds[:2])

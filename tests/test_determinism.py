@@ -57,7 +57,7 @@ def test_thread_count_changes_no_alpha_choice():
 def test_participant_outputs_are_byte_identical_whatever_mem(demo, tmp_path):
     ds = demo[0] / "ds"
     outputs = []
-    for k, extra in enumerate(([], ["--mem", "3GB"], ["--mem", "64GB", "--nprocs", "1"])):
+    for k, extra in enumerate(([], ["--mem", "8GB"], ["--mem", "64GB", "--nprocs", "1"])):
         out = tmp_path / f"out{k}"
         assert main([str(ds), str(out), "participant", "--participant-label", "01", "-w", str(tmp_path / "work"),
                      "--feature", "lowlevel:word_rate", "lowlevel:envelope", "--null-draws", "2",

@@ -315,6 +315,36 @@ def test_constant_and_nonfinite_voxels():
     assert np.all(pred[:, bad] == 0) and np.isfinite(pred).all()
 
 
+@pytest.mark.parametrize("form", ["primal", "kernel"])
+def test_train_rows_fit_a_subset_without_copying_the_responses(form):
+    """``train_rows`` gives exactly the fit on ``Y[rows]``: the same batches, gathered instead of copied."""
+    X, Y, Xt, Yt = make_data(40 if form == "primal" else 400, seed=3)
+    Y = Y.copy()
+    rows = np.zeros(N_TRAIN, bool)
+    rows[:100], rows[200:] = True, True
+    Y[rows, 4] = 1.0  # constant in the subset only: not fitted there
+    Y[150, 6] = np.nan  # not finite outside the subset: fitted there
+    sub_folds = block_folds(int(rows.sum()), 4)
+    expected = ridge_cv(X[rows], Y[rows], sub_folds, ALPHAS, return_weights=True, form=form)
+    for given in (rows, np.flatnonzero(rows)):
+        got = ridge_cv(X, Y, sub_folds, ALPHAS, return_weights=True, form=form, train_rows=given)
+        np.testing.assert_array_equal(got.valid, expected.valid)
+        assert not got.valid[4] and got.valid[6]
+        np.testing.assert_array_equal(got.alphas, expected.alphas)
+        np.testing.assert_array_equal(got.fold_scores, expected.fold_scores)
+        np.testing.assert_array_equal(got.weights, expected.weights)
+    scored = fit_and_score(X, Y, Xt, Yt, sub_folds, ALPHAS, return_predictions=True, form=form, train_rows=rows)
+    plain = fit_and_score(X[rows], Y[rows], Xt, Yt, sub_folds, ALPHAS, return_predictions=True, form=form)
+    for key in ("test_r", "alphas", "predictions", "valid"):
+        np.testing.assert_array_equal(scored[key], plain[key])
+    np.testing.assert_array_equal(ridge_predict(X, Y, Xt, expected.alphas, train_rows=rows, form=form),
+                                  ridge_predict(X[rows], Y[rows], Xt, expected.alphas, form=form))
+    with pytest.raises(ValueError, match="train_rows mask has 10 entries for 300 rows"):
+        ridge_cv(X, Y, sub_folds, ALPHAS, train_rows=np.ones(10, bool))
+    with pytest.raises(ValueError, match="train_rows indices outside 0..299"):
+        ridge_cv(X, Y, sub_folds, ALPHAS, train_rows=[0, 300])
+
+
 def test_torch_inputs_and_float64_responses():
     X, Y, Xt, _ = make_data(80, seed=8)
     folds = block_folds()

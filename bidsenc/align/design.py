@@ -9,6 +9,7 @@ cross-validation.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,17 +23,28 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Responses:
-    """Cleaned, z-scored responses of every run, split into training and test rows."""
+    """Cleaned, z-scored responses of the usable voxels, split into training and test rows.
 
-    train: np.ndarray                # [n_train, V]
+    Columns are the voxels of ``valid`` only (finite and not constant in every run);
+    ``valid`` maps them back to the participant's space.
+    """
+
+    train: np.ndarray                # [n_train, n_valid] float32
     train_groups: np.ndarray         # story id index per training row
     story_names: list[str]           # names of the training groups
-    test: np.ndarray | None          # [n_test, V] mean over repeats
-    test_repeats: np.ndarray | None  # [R, n_test, V]
-    valid: np.ndarray                # voxels with finite, non-constant responses in every run
+    test: np.ndarray | None          # [n_test, n_valid] mean over repeats
+    test_repeats: np.ndarray | None  # [R, n_test, n_valid]
+    valid: np.ndarray                # [n_voxels] voxels with finite, non-constant responses in every run
     train_runs: list[Run] = field(default_factory=list)
     test_runs: list[Run] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: Runs in which no voxel is usable (all constant, e.g. all zero, or not finite).
+    empty_runs: list[str] = field(default_factory=list)
+
+
+#: Response values (volumes x voxels) cleaned in one piece: runs are cleaned in column chunks of
+#: about this size, so that the float64 working copies of the filters stay small (16 MiB each).
+CLEAN_CHUNK_ELEMENTS = 2**21
 
 
 def clean_run(y: np.ndarray, run: Run, settings: AlignSettings, confounds: np.ndarray | None = None) -> np.ndarray:
@@ -40,59 +52,119 @@ def clean_run(y: np.ndarray, run: Run, settings: AlignSettings, confounds: np.nd
     return zscore(np.nan_to_num(temporal_filter(y, run.tr, settings, confounds), nan=0.0))
 
 
-def split_responses(runs: list[Run], responses: list[np.ndarray], test_stories: list[str],
-                    settings: AlignSettings, *, confounds: list[np.ndarray | None] | None = None) -> Responses:
-    """Clean each run (regressing out its ``confounds``, if given), trim it and build the training and test sets."""
-    valid = np.ones(responses[0].shape[1], dtype=bool)
-    cleaned = []
-    for i, (run, y) in enumerate(zip(runs, responses, strict=True)):
-        if y.shape[0] != run.n_volumes:
-            raise DataError(f"{run.name}: {y.shape[0]} volumes read, {run.n_volumes} expected")
-        finite = np.isfinite(y).all(0)
-        valid &= finite & ~constant_columns(np.where(finite, y, 0.0))
-        # float32 at once: all runs' float64 copies together were the run's peak memory (3x the responses)
-        cleaned.append(clean_run(y, run, settings, confounds[i] if confounds else None).astype(np.float32))
+def planned_rows(runs: list[Run], test_stories: list[str], settings: AlignSettings) -> tuple[int, int]:
+    """Rows of responses :func:`split_responses` will keep: training rows, and all rows (with test repeats and mean)."""
+    train = sum(len(kept_rows(r, settings, test=False)) for r in runs if not _is_test(r, test_stories))
+    test = [len(kept_rows(r, settings, test=True)) for r in runs if _is_test(r, test_stories)]
+    return train, train + sum(test) + max(test, default=0)
 
+
+def split_responses(runs: list[Run], responses: Iterable[np.ndarray], test_stories: list[str],
+                    settings: AlignSettings, *, confounds: list[np.ndarray | None] | None = None) -> Responses:
+    """Clean each run (regressing out its ``confounds``, if given), trim it and build the training and test sets.
+
+    ``responses`` may be an iterator that reads the runs one at a time (see
+    :func:`bidsenc.bids.bold.read_responses`): each run is cleaned, in column chunks,
+    straight into its rows of one preallocated training matrix and then dropped, so the
+    peak memory is the training set plus one run, not every run two or three times over.
+    The columns of voxels unusable in some run are then removed in place.
+    """
     train_runs = [r for r in runs if not _is_test(r, test_stories)]
     test_runs = [r for r in runs if _is_test(r, test_stories)]
     names = sorted({seg.story_id for r in train_runs for seg in r.segments})
-    train_rows, groups = [], []
-    for run, y in zip(runs, cleaned, strict=True):
-        if run in train_runs:
-            rows = kept_rows(run, settings, test=False)
-            train_rows.append(_take(y, rows))
-            groups.append(np.full(len(rows), names.index(run.segments[0].story_id)))
-    test = repeats = None
-    notes = []
-    if test_runs:
-        blocks, used = [], []
-        reference = test_runs[0]
-        for run, y in zip(runs, cleaned, strict=True):
-            if run not in test_runs:
-                continue
-            if not _same_timing(run, reference):
-                notes.append(f"{run.name} presents the test story with other timing than {reference.name}; "
-                             "left out of the repeat average")
-                continue
-            blocks.append(_take(y, kept_rows(run, settings, test=True)))
+    starts = np.cumsum([0] + [len(kept_rows(r, settings, test=False)) for r in train_runs])
+    groups = np.concatenate([np.full(starts[i + 1] - starts[i], names.index(r.segments[0].story_id))
+                             for i, r in enumerate(train_runs)] or [np.zeros(0, int)])
+    reference = test_runs[0] if test_runs else None
+    train_index = {id(r): k for k, r in enumerate(train_runs)}
+    train = valid = None
+    blocks, used, notes, empty = [], [], [], []
+    responses = iter(responses)  # next() by hand: a zip would hold the previous run while reading the next
+    for i, run in enumerate(runs):
+        y = next(responses)
+        if y.shape[0] != run.n_volumes:
+            raise DataError(f"{run.name}: {y.shape[0]} volumes read, {run.n_volumes} expected")
+        if train is None:
+            train = np.empty((starts[-1], y.shape[1]), dtype=np.float32)
+            valid = np.ones(y.shape[1], dtype=bool)
+        elif y.shape[1] != train.shape[1]:
+            raise DataError(f"{run.name}: {y.shape[1]} voxels, earlier runs {train.shape[1]}")
+        conf = confounds[i] if confounds else None
+        if id(run) in train_index:
+            k = train_index[id(run)]
+            usable = _clean_into(train[starts[k]:starts[k + 1]], y, kept_rows(run, settings, test=False), run,
+                                 settings, conf)
+        elif _same_timing(run, reference):
+            rows = kept_rows(run, settings, test=True)
+            blocks.append(np.empty((len(rows), y.shape[1]), dtype=np.float32))
             used.append(run)
+            usable = _clean_into(blocks[-1], y, rows, run, settings, conf)
+        else:
+            notes.append(f"{run.name} presents the test story with other timing than {reference.name}; "
+                         "left out of the repeat average")
+            usable = _usable_columns(y)
+        del y  # the next run is read while this name would still hold this one
+        if not usable.any():
+            empty.append(run.name)
+        valid &= usable
+    test = repeats = None
+    if blocks:
         n = min(len(b) for b in blocks)
         if any(len(b) != n for b in blocks):
             notes.append(f"test repeats differ in length; the first {n} volumes of each are used")
-        repeats = np.stack([b[:n] for b in blocks]).astype(np.float32, copy=False)
+        repeats = np.stack([b[:n, valid] for b in blocks])
         test = repeats.mean(0)
         test_runs = used
     for note in notes:
         log.warning(note)
-    return Responses(np.vstack(train_rows).astype(np.float32, copy=False), np.concatenate(groups), names, test, repeats,
-                     valid, train_runs, test_runs, notes)
+    return Responses(keep_columns(train, valid), groups, names, test, repeats, valid, train_runs, test_runs, notes,
+                     empty)
 
 
-def _take(y: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """``y[rows]``, as a view when the rows are consecutive (trimming keeps a contiguous range)."""
-    if len(rows) and rows[-1] - rows[0] + 1 == len(rows):
-        return y[rows[0]:rows[-1] + 1]
-    return y[rows]
+def _clean_into(out: np.ndarray, y: np.ndarray, rows: np.ndarray, run: Run, settings: AlignSettings,
+                confounds: np.ndarray | None) -> np.ndarray:
+    """``out[:] = clean_run(y)[rows]``, column chunk by column chunk; returns the run's usable columns.
+
+    Cleaning is column by column (filters and confound regression act on each voxel's
+    series alone), so the chunks give the whole run's result; their width is fixed by the
+    run's length, never by the free memory.
+    """
+    usable = np.empty(y.shape[1], dtype=bool)
+    step = max(1, CLEAN_CHUNK_ELEMENTS // max(1, len(y)))
+    for a in range(0, y.shape[1], step):
+        chunk = y[:, a:a + step]
+        usable[a:a + step] = _usable_columns(chunk)
+        out[:, a:a + step] = clean_run(chunk, run, settings, confounds)[rows]
+    return usable
+
+
+def _usable_columns(y: np.ndarray) -> np.ndarray:
+    finite = np.isfinite(y).all(0)
+    return finite & ~constant_columns(np.where(finite, y, 0.0))
+
+
+def keep_columns(a: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """``a[:, keep]`` for a C-ordered matrix, computed in ``a``'s own memory, which is then shrunk.
+
+    A copy of the training set would double the peak memory for the sake of a few
+    dropped voxels: the kept columns are instead packed row after row at the front of
+    ``a``'s buffer (row ``i`` goes where rows before it were, never over rows still to
+    be read), and the buffer is reallocated to the smaller size. ``a`` must own its data,
+    with no other view of it alive; it is not usable afterwards.
+    """
+    if keep.all():
+        return a
+    if not (a.flags.owndata and a.flags.c_contiguous):
+        return a[:, keep]
+    n, k = len(a), int(keep.sum())
+    flat = a.reshape(-1)
+    step = max(1, CLEAN_CHUNK_ELEMENTS // max(1, a.shape[1]))
+    for i in range(0, n, step):
+        j = min(n, i + step)
+        flat[i * k:j * k] = a[i:j, keep].reshape(-1)  # the fancy index copies rows i..j before they are written
+    del flat
+    a.resize((n, k), refcheck=False)  # keeps the first n*k values, in order
+    return a
 
 
 def features_for(responses: Responses, story_features: dict, settings: AlignSettings) -> tuple:
@@ -125,4 +197,4 @@ def _same_timing(a: Run, b: Run) -> bool:
             [(s.story_id, round(s.onset, 2)) for s in b.segments])
 
 
-__all__ = ["Responses", "clean_run", "features_for", "split_responses", "zscore"]
+__all__ = ["Responses", "clean_run", "features_for", "keep_columns", "planned_rows", "split_responses", "zscore"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import warnings
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,9 +67,15 @@ class Space:
         return np.asarray(volume)[self.mask]
 
 
-def load_responses(runs: list[Run], mask_path: Path | None = None, *,
-                   like: Space | None = None) -> tuple[list[np.ndarray], Space]:
-    """Read every run's responses as float32 ``[n_volumes, n_voxels]`` in one shared space.
+def read_responses(runs: list[Run], mask_path: Path | None = None, *,
+                   like: Space | None = None) -> tuple[Space, Iterator[np.ndarray]]:
+    """The runs' shared space, and their responses read one run at a time.
+
+    Everything that can be checked without the data (kinds, grids, widths) is checked
+    here, and a brain mask computed from the EPI is computed here; the iterator then
+    reads each run only when asked, as float32 ``[n_volumes, n_voxels]``, so that a
+    caller who keeps what it needs of each run holds one raw run at a time (at the scale
+    of ds003020, all raw runs together are as large as the training set).
 
     For volumes, the mask is the runs' own brain mask when given (fMRIPrep), else one
     computed from the EPI images with nilearn (``compute_multi_epi_mask``); the
@@ -81,12 +88,27 @@ def load_responses(runs: list[Run], mask_path: Path | None = None, *,
         raise DataError(f"a participant's runs mix BOLD kinds ({', '.join(sorted(kinds))}); select one space")
     kind = kinds.pop()
     if like is not None:
-        return _load_like(runs, kind, like)
+        return _read_like(runs, kind, like)
     if kind == "nifti":
-        return _load_nifti(runs, mask_path)
+        return _read_nifti(runs, mask_path)
     if kind == "gifti":
-        return _load_gifti(runs)
-    return _load_hdf5(runs)
+        return _read_gifti(runs)
+    return _read_hdf5(runs)
+
+
+def load_responses(runs: list[Run], mask_path: Path | None = None, *,
+                   like: Space | None = None) -> tuple[list[np.ndarray], Space]:
+    """Every run's responses at once (see :func:`read_responses`, which reads them one by one)."""
+    space, responses = read_responses(runs, mask_path, like=like)
+    return list(responses), space
+
+
+def run_read_bytes(run: Run, space: Space) -> int:
+    """Bytes that reading one run of ``space`` takes at its peak (the whole image, then its voxels)."""
+    voxels = space.n_voxels
+    if space.kind == "volume" and space.mask is not None and run.bold.kind == "nifti":
+        voxels += space.mask.size  # the image is read whole, then masked
+    return 4 * voxels * (run.trimmed_start + run.n_volumes + run.trimmed_end)
 
 
 def check_mask(mask_path: Path, runs: list[Run]) -> None:
@@ -115,7 +137,7 @@ def _varying(img, path: Path) -> np.ndarray:
     return np.isfinite(data).all(-1) & (np.ptp(np.nan_to_num(data), axis=-1) > 0)
 
 
-def _load_nifti(runs: list[Run], mask_path: Path | None) -> tuple[list[np.ndarray], Space]:
+def _read_nifti(runs: list[Run], mask_path: Path | None) -> tuple[Space, Iterator[np.ndarray]]:
     from nilearn.masking import compute_multi_epi_mask
 
     paths = [run.bold.paths[0] for run in runs]
@@ -156,75 +178,98 @@ def _load_nifti(runs: list[Run], mask_path: Path | None) -> tuple[list[np.ndarra
     shape3d = imgs[0].shape[:3]
     if mask.shape != shape3d:
         raise DataError(f"brain mask shape {mask.shape} differs from the BOLD grid {shape3d}")
-    responses = []
     for path, img in zip(paths, imgs, strict=True):
         if img.shape[:3] != shape3d or not np.allclose(img.affine, imgs[0].affine, atol=1e-3):
             raise DataError(f"{path.name}: its voxel grid differs from {paths[0].name}; runs of one "
                             "participant must share a space (use fMRIPrep outputs in one --space)")
-        data = _image_data(img, path, np.float32)
-        responses.append(np.ascontiguousarray(data[mask].T))
     space = Space("volume", int(mask.sum()), runs[0].bold.space, mask=mask, affine=imgs[0].affine,
                   mask_source=source)
-    return responses, space
+    return space, (_masked(img, path, mask) for path, img in zip(paths, imgs, strict=True))
 
 
-def _load_like(runs: list[Run], kind: str, like: Space) -> tuple[list[np.ndarray], Space]:
+def _masked(img, path: Path, mask: np.ndarray) -> np.ndarray:
+    """The voxels of ``mask`` of a 4D image, ``[n_volumes, n_voxels]`` float32 (the whole image is freed)."""
+    return np.ascontiguousarray(_image_data(img, path, np.float32)[mask].T)
+
+
+def _read_like(runs: list[Run], kind: str, like: Space) -> tuple[Space, Iterator[np.ndarray]]:
     if kind == "gifti" and like.kind == "surface":
-        responses, space = _load_gifti(runs)
+        space, responses = _read_gifti(runs)
         if space.n_vertices != like.n_vertices:
             raise DataError(f"{runs[0].name}: {space.n_vertices} vertices, not {like.n_vertices}")
-        return responses, like
+        return like, responses
     if kind != "nifti" or like.kind != "volume" or like.voxel_order != "C":
         raise DataError(f"{runs[0].name}: its {kind} data cannot be read in a {like.kind} space")
-    responses = []
-    for run in runs:
-        img = _nib_load(run.bold.paths[0])
+    imgs = [_nib_load(run.bold.paths[0]) for run in runs]
+    for run, img in zip(runs, imgs, strict=True):
         if img.shape[:3] != like.mask.shape or not np.allclose(img.affine, like.affine, atol=1e-3):
             raise DataError(f"{run.name}: its voxel grid differs from the reference participant's")
-        responses.append(np.ascontiguousarray(_image_data(img, run.bold.paths[0], np.float32)[like.mask].T))
-    return responses, like
+    return like, (_masked(img, run.bold.paths[0], like.mask) for run, img in zip(runs, imgs, strict=True))
 
 
-def _load_gifti(runs: list[Run]) -> tuple[list[np.ndarray], Space]:
-    responses, sizes = [], None
-    for run in runs:
-        hemis = [np.column_stack([d.data for d in _nib_load(p).darrays]).astype(np.float32) for p in run.bold.paths]
-        shape = tuple(h.shape[0] for h in hemis)
-        if sizes is not None and shape != sizes:
-            raise DataError(f"{run.name}: hemispheres have {shape} vertices, earlier runs {sizes}")
-        sizes = shape
-        responses.append(np.ascontiguousarray(np.vstack(hemis).T))
-    return responses, Space("surface", int(sum(sizes)), runs[0].bold.space, n_vertices=sizes,
-                            mask_source="all vertices")
+def _read_gifti(runs: list[Run]) -> tuple[Space, Iterator[np.ndarray]]:
+    # GIfTI has no header to read apart from the data: the first run is read here for the sizes
+    first = _gifti_run(runs[0])
+    sizes = first[1]
+
+    def responses():
+        nonlocal first
+        y, first = first[0], None
+        yield y
+        del y
+        for run in runs[1:]:
+            y, shape = _gifti_run(run)
+            if shape != sizes:
+                raise DataError(f"{run.name}: hemispheres have {shape} vertices, earlier runs {sizes}")
+            yield y
+            del y
+
+    return Space("surface", int(sum(sizes)), runs[0].bold.space, n_vertices=sizes,
+                 mask_source="all vertices"), responses()
 
 
-def _load_hdf5(runs: list[Run]) -> tuple[list[np.ndarray], Space]:
-    import h5py
+def _gifti_run(run: Run) -> tuple[np.ndarray, tuple[int, ...]]:
+    """One run's two hemispheres as ``[n_volumes, n_vertices]`` float32, and the vertices of each."""
+    hemis = [np.column_stack([d.data for d in _nib_load(p).darrays]).astype(np.float32) for p in run.bold.paths]
+    return np.ascontiguousarray(np.vstack(hemis).T), tuple(h.shape[0] for h in hemis)
 
-    responses = []
-    for run in runs:
-        path = run.bold.paths[0]
-        try:
-            with h5py.File(path, "r") as fh:
-                data = fh[run.bold.key]
-                y = data[run.bold.repeat] if run.bold.repeat is not None else data[:]
-        except OSError as err:
-            raise DataError(f"{path}: cannot read {run.bold.key} ({err})") from None
-        responses.append(np.asarray(y, dtype=np.float32))
-    widths = {y.shape[1] for y in responses}
+
+def _read_hdf5(runs: list[Run]) -> tuple[Space, Iterator[np.ndarray]]:
+    widths = {_hdf5_shape(run)[-1] for run in runs}  # from the files' headers: nothing is read yet
     if len(widths) != 1:
         raise DataError(f"the preprocessed responses of {runs[0].entities.get('sub')} differ in voxel count "
                         f"({sorted(widths)})")
     n_voxels = widths.pop()
+    responses = (_hdf5_run(run) for run in runs)
     found = _pycortex_mask(runs[0].bold.paths[0], n_voxels)
     if found is not None:
         mask, affine, path = found
-        return responses, Space("volume", n_voxels, None, mask=mask, affine=affine, voxel_order="F",
-                                mask_source=f"pycortex cortical mask {path}")
+        return Space("volume", n_voxels, None, mask=mask, affine=affine, voxel_order="F",
+                     mask_source=f"pycortex cortical mask {path}"), responses
     log.warning("no pycortex cortical mask with %d voxels found for %s (derivative/pycortex-db/<subject>/"
                 "transforms/*/mask_thick.nii.gz): maps are written as arrays in the preprocessed files' voxel "
                 "order (.npy) rather than NIfTI", n_voxels, runs[0].bold.paths[0].parent.name)
-    return responses, Space("index", n_voxels, None, mask_source="ds003020 preprocessed_data voxel order")
+    return Space("index", n_voxels, None, mask_source="ds003020 preprocessed_data voxel order"), responses
+
+
+def _hdf5_shape(run: Run) -> tuple[int, ...]:
+    return _hdf5_read(run, lambda data: data.shape[1:] if run.bold.repeat is not None else data.shape)
+
+
+def _hdf5_run(run: Run) -> np.ndarray:
+    return _hdf5_read(run, lambda data: np.asarray(data[run.bold.repeat] if run.bold.repeat is not None
+                                                   else data[:], dtype=np.float32))
+
+
+def _hdf5_read(run: Run, what):
+    import h5py
+
+    path = run.bold.paths[0]
+    try:
+        with h5py.File(path, "r") as fh:
+            return what(fh[run.bold.key])
+    except OSError as err:
+        raise DataError(f"{path}: cannot read {run.bold.key} ({err})") from None
 
 
 def _pycortex_mask(hdf5_path: Path, n_voxels: int):
@@ -352,4 +397,5 @@ def _nib_load(path: Path):
         raise DataError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
 
 
-__all__ = ["NATIVE_SPACES", "Space", "find_regions", "load_confounds", "load_responses"]
+__all__ = ["NATIVE_SPACES", "Space", "find_regions", "load_confounds", "load_responses", "read_responses",
+           "run_read_bytes"]

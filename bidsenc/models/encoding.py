@@ -14,7 +14,7 @@ import numpy as np
 from .ceiling import cc_max, cc_norm
 from .ridge import DEFAULT_ALPHAS, REFERENCE_ALPHAS, fit_and_score, pearson_r, r2_score, reference_to_alpha, \
     ridge_predict
-from .stacking import stack_weights, stacked_prediction
+from .stacking import residual_covariance, solve_simplex_qp, stacked_prediction
 from .stats import fdr_bh, permutation_pvalues
 
 #: Statistics kept per layer and voxel, in this order along the last axis of ``LayerStats.array``.
@@ -114,17 +114,49 @@ class StackedResult:
 def out_of_fold_predictions(x_train, y_train, folds, alphas, *, device="cpu", mem_gb=None,
                             dtype="float32") -> np.ndarray:
     """Each training row predicted by a model fitted without its fold (folds must partition the rows)."""
+    _check_partition(folds, len(y_train))
     out = np.zeros(y_train.shape, dtype=np.float32)
-    for train, val in folds:
-        out[val] = ridge_predict(x_train[train], y_train[train], x_train[val], alphas, device=device, mem_gb=mem_gb,
-                                 dtype=dtype)
+    for train, val in folds:  # train_rows: the fold's responses are gathered batch by batch, not copied
+        out[val] = ridge_predict(x_train, y_train, x_train[val], alphas, device=device, mem_gb=mem_gb, dtype=dtype,
+                                 train_rows=train)
     return out
 
 
-def stack_spaces(names, oof: list[np.ndarray], test_predictions: list[np.ndarray], y_train,
-                 y_test) -> StackedResult:
-    """Convex per-voxel weights of the spaces' out-of-fold predictions, applied to their test predictions."""
-    weights = stack_weights(np.stack(oof), y_train)
+def out_of_fold_residual_covariance(designs, alphas, y_train, folds, *, device="cpu", mem_gb=None,
+                                    dtype="float32") -> np.ndarray:
+    """Per voxel, the covariance of several spaces' out-of-fold residuals (what stacking weighs).
+
+    ``P[v, i, j] = mean_t e_i e_j`` with ``e_j = y - p_j`` and ``p_j`` the out-of-fold
+    prediction of space ``j`` (design ``designs[j]``, one alpha per voxel ``alphas[j]``), as
+    :func:`bidsenc.models.stacking.residual_covariance` of :func:`out_of_fold_predictions`
+    gives it. Computed fold by fold, keeping only each fold's predictions: every space's
+    out-of-fold predictions over all rows would be as large as the responses, per space.
+    Folds must partition the rows.
+    """
+    _check_partition(folds, len(y_train))
+    total = None
+    for train, val in folds:
+        preds = np.stack([ridge_predict(x, y_train, x[val], a, device=device, mem_gb=mem_gb, dtype=dtype,
+                                        train_rows=train) for x, a in zip(designs, alphas, strict=True)])
+        part = residual_covariance(preds, y_train[val]) * len(val)
+        total = part if total is None else total + part
+    return total / len(y_train)
+
+
+def _check_partition(folds, n_rows: int) -> None:
+    seen = np.zeros(n_rows, dtype=int)
+    for _, val in folds:
+        seen[val] += 1
+    if not (seen == 1).all():
+        raise ValueError("out-of-fold predictions need validation folds that hold out every row exactly once")
+
+
+def stack_spaces(names, residual_cov: np.ndarray, test_predictions: list[np.ndarray], y_test) -> StackedResult:
+    """Convex per-voxel weights from the spaces' out-of-fold residual covariance, applied to their test predictions.
+
+    ``residual_cov`` is :func:`out_of_fold_residual_covariance` (``V x J x J``).
+    """
+    weights = solve_simplex_qp(residual_cov)
     pred = stacked_prediction(weights, np.stack(test_predictions))
     return StackedResult(list(names), np.asarray(weights, dtype=np.float32), np.nan_to_num(pearson_r(pred, y_test)),
                          np.nan_to_num(r2_score(y_test, pred)))

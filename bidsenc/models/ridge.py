@@ -220,7 +220,7 @@ class RidgeCVResult:
 class _Data:
     """Training inputs on the device, and the valid voxels' responses, gathered by batch."""
 
-    def __init__(self, X_train, Y_train, device, dtype, mem_gb):
+    def __init__(self, X_train, Y_train, device, dtype, mem_gb, rows=None):
         torch = _backend._torch()
         self.device = _backend.resolve_device(device)
         self.dtype = _backend.torch_dtype(dtype)
@@ -230,12 +230,18 @@ class _Data:
         Y, _ = _backend.host_tensor(Y_train, "Y_train")
         if X.shape[0] != Y.shape[0]:
             raise ValueError(f"X_train has {X.shape[0]} rows but Y_train has {Y.shape[0]}")
+        # a subset of rows is gathered batch by batch, never as a copy of the responses
+        self._rows = None
+        if rows is not None:
+            index = torch.from_numpy(_row_indices(rows, X.shape[0], "train_rows"))
+            X, self._rows = X.index_select(0, index.to(X.device)), index.to(Y.device)
+        self._resident_bytes = 0
         self.X = X.to(self.device, self.dtype)
         if not bool(torch.isfinite(self.X).all()):
             raise ValueError("X_train contains NaN or infinite values")
         self.n, self.p = self.X.shape
         self.n_voxels = Y.shape[1]
-        self.valid = _valid_columns(Y)
+        self.valid = _valid_columns(Y, self._rows)
         self.valid_idx = np.flatnonzero(self.valid)
         self.n_valid = len(self.valid_idx)
         self.mem_gb = mem_gb
@@ -254,10 +260,13 @@ class _Data:
                     b = min(self.n_valid, a + step)
                     resident[:, a:b] = self._gather(a, b)
                 self._Y = resident
-                self._cols = None
+                self._cols = self._rows = None
+                self._resident_bytes = need
 
     def _gather(self, start: int, stop: int):
         cols = self._Y[:, start:stop] if self._cols is None else self._Y.index_select(1, self._cols[start:stop])
+        if self._rows is not None:
+            cols = cols.index_select(0, self._rows)
         return cols.to(self.device, self.dtype)
 
     def responses(self, start: int, stop: int):
@@ -273,22 +282,22 @@ class _Data:
 
     @property
     def input_bytes(self) -> int:
-        """The design on the device and, when kept there, the responses."""
-        resident = self._Y.numel() * self.itemsize if self._Y.device == self.device and self._cols is None else 0
-        return self.X.numel() * self.itemsize + resident
+        """The design on the device and, when copied there, the responses (the caller's own are not counted)."""
+        return self.X.numel() * self.itemsize + self._resident_bytes
 
 
-def _valid_columns(Y) -> np.ndarray:
-    """True for columns that are finite everywhere and not constant (chunked, float64)."""
+def _valid_columns(Y, rows=None) -> np.ndarray:
+    """True for columns that are finite everywhere (in ``rows``, if given) and not constant (chunked, float64)."""
     torch = _backend._torch()
-    n, v = Y.shape
+    n, v = (len(rows) if rows is not None else Y.shape[0]), Y.shape[1]
     valid = np.zeros(v, dtype=bool)
     if n == 0:
         return valid
     step = max(1, _CHUNK_ELEMENTS // max(1, n))
     for a in range(0, v, step):
         b = min(v, a + step)
-        var, mean = torch.var_mean(Y[:, a:b].to(torch.float64), 0, correction=0)
+        chunk = Y[:, a:b] if rows is None else Y[:, a:b].index_select(0, rows)
+        var, mean = torch.var_mean(chunk.to(torch.float64), 0, correction=0)
         # A non-finite value anywhere makes the variance NaN or infinite.
         ok = torch.isfinite(var) & (var > _CONSTANT_RTOL * (var + mean * mean))
         valid[a:b] = ok.cpu().numpy()
@@ -321,20 +330,7 @@ def _check_folds(folds, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
             train, val = fold
         except (TypeError, ValueError):
             raise ValueError(f"fold {k} must be a (train, val) pair of row indices or boolean masks") from None
-        pair = []
-        for name, rows in (("train", train), ("val", val)):
-            rows = np.asarray(rows).ravel()
-            if rows.dtype == bool:
-                if rows.size != n:
-                    raise ValueError(f"fold {k}: the {name} mask has {rows.size} entries for {n} rows")
-                rows = np.flatnonzero(rows)
-            elif rows.size and not np.issubdtype(rows.dtype, np.integer):
-                raise ValueError(f"fold {k}: {name} must hold integer row indices or be a boolean mask")
-            rows = rows.astype(np.int64)
-            if rows.size and (rows.min() < 0 or rows.max() >= n):
-                raise ValueError(f"fold {k}: {name} indices outside 0..{n - 1}")
-            pair.append(rows)
-        train, val = pair
+        train, val = (_row_indices(rows, n, f"fold {k}: {name}") for name, rows in (("train", train), ("val", val)))
         if train.size == 0 or val.size == 0:
             raise ValueError(f"fold {k} has an empty training or validation set")
         if np.intersect1d(train, val).size:
@@ -343,6 +339,21 @@ def _check_folds(folds, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
     if not out:
         raise ValueError("folds is empty: give at least one (train, val) pair")
     return out
+
+
+def _row_indices(rows, n: int, what: str) -> np.ndarray:
+    """Integer indices (int64) of ``rows``, given as indices or as a boolean mask over ``n`` rows."""
+    rows = np.asarray(rows).ravel()
+    if rows.dtype == bool:
+        if rows.size != n:
+            raise ValueError(f"{what} mask has {rows.size} entries for {n} rows")
+        return np.flatnonzero(rows)
+    if rows.size and not np.issubdtype(rows.dtype, np.integer):
+        raise ValueError(f"{what} must hold integer row indices or be a boolean mask")
+    rows = rows.astype(np.int64)
+    if rows.size and (rows.min() < 0 or rows.max() >= n):
+        raise ValueError(f"{what} indices outside 0..{n - 1}")
+    return rows
 
 
 def _check_score(score: str) -> str:
@@ -751,7 +762,7 @@ def _test_tensor(X_test, data: _Data, name="X_test"):
 
 
 def ridge_cv(X_train, Y_train, folds, alphas=DEFAULT_ALPHAS, *, device="cpu", dtype="float32", score="r2",
-             voxel_batch=None, mem_gb=None, return_weights=False, allow_tf32=False, form="auto"):
+             voxel_batch=None, mem_gb=None, return_weights=False, allow_tf32=False, form="auto", train_rows=None):
     """Choose one ridge alpha per voxel by cross-validation on the training data.
 
     Parameters
@@ -789,6 +800,10 @@ def ridge_cv(X_train, Y_train, folds, alphas=DEFAULT_ALPHAS, *, device="cpu", dt
         the module docstring for the accuracy cost; no effect on the CPU.
     form : {"auto", "kernel", "primal"}
         Force a form (default: kernel when a fit has fewer rows than features).
+    train_rows : array_like, optional
+        Fit on these rows of ``X_train`` and ``Y_train`` only (indices or a boolean mask;
+        ``folds`` then index the selected rows). Unlike ``Y_train[train_rows]``, this never
+        copies the responses: each voxel batch gathers its rows.
 
     Returns
     -------
@@ -797,7 +812,7 @@ def ridge_cv(X_train, Y_train, folds, alphas=DEFAULT_ALPHAS, *, device="cpu", dt
     alphas = _check_alphas(alphas)
     score = _check_score(score)
     tf32_cv, tf32_refit = _check_tf32(allow_tf32)
-    data = _Data(X_train, Y_train, device, dtype, mem_gb)
+    data = _Data(X_train, Y_train, device, dtype, mem_gb, train_rows)
     folds = _check_folds(folds, data.n)
     with _backend.matmul_tf32(data.device, tf32_cv):
         fold_scores, K = _cv_scores(data, folds, alphas, score, form, voxel_batch)
@@ -876,7 +891,7 @@ def _voxel_alphas(alphas_per_voxel, n_voxels: int) -> np.ndarray:
 
 
 def ridge_predict(X_train, Y_train, X_test, alphas_per_voxel, *, device="cpu", dtype="float32",
-                  voxel_batch=None, mem_gb=None, allow_tf32=False, form="auto"):
+                  voxel_batch=None, mem_gb=None, allow_tf32=False, form="auto", train_rows=None):
     """Refit ridge on all training rows with one alpha per voxel and predict ``X_test``.
 
     Parameters
@@ -887,7 +902,7 @@ def ridge_predict(X_train, Y_train, X_test, alphas_per_voxel, *, device="cpu", d
         Test features.
     alphas_per_voxel : array_like, shape (n_voxels,) or scalar
         Alpha of each voxel (himalaya units), e.g. ``RidgeCVResult.alphas``.
-    device, dtype, voxel_batch, mem_gb, allow_tf32, form
+    device, dtype, voxel_batch, mem_gb, allow_tf32, form, train_rows
         As in :func:`ridge_cv`.
 
     Returns
@@ -896,7 +911,7 @@ def ridge_predict(X_train, Y_train, X_test, alphas_per_voxel, *, device="cpu", d
         Predictions (float32, or float64 in float64 mode); 0 for voxels with constant or
         non-finite training responses.
     """
-    data = _Data(X_train, Y_train, device, dtype, mem_gb)
+    data = _Data(X_train, Y_train, device, dtype, mem_gb, train_rows)
     alpha = _voxel_alphas(alphas_per_voxel, data.n_voxels)
     T = _test_tensor(X_test, data)
     with _backend.matmul_tf32(data.device, _check_tf32(allow_tf32)[1]):
@@ -906,7 +921,7 @@ def ridge_predict(X_train, Y_train, X_test, alphas_per_voxel, *, device="cpu", d
 
 def fit_and_score(X_train, Y_train, X_test, Y_test, folds, alphas=DEFAULT_ALPHAS, *, device="cpu",
                   dtype="float32", score="r2", voxel_batch=None, mem_gb=None, allow_tf32=False, form="auto",
-                  return_predictions=False, return_weights=False):
+                  return_predictions=False, return_weights=False, train_rows=None):
     """Choose alphas by cross-validation, refit on all training rows, and score the test rows.
 
     Parameters
@@ -916,7 +931,7 @@ def fit_and_score(X_train, Y_train, X_test, Y_test, folds, alphas=DEFAULT_ALPHAS
     X_test : array_like or torch.Tensor, shape (n_test, n_features)
     Y_test : array_like or torch.Tensor, shape (n_test, n_voxels)
         Held-out features and responses (z-scored like the training data).
-    device, dtype, score, voxel_batch, mem_gb, allow_tf32, form
+    device, dtype, score, voxel_batch, mem_gb, allow_tf32, form, train_rows
         As in :func:`ridge_cv`.
     return_predictions : bool
         Also return the test predictions (n_test, n_voxels).
@@ -936,7 +951,7 @@ def fit_and_score(X_train, Y_train, X_test, Y_test, folds, alphas=DEFAULT_ALPHAS
     alphas = _check_alphas(alphas)
     score = _check_score(score)
     tf32_cv, tf32_refit = _check_tf32(allow_tf32)
-    data = _Data(X_train, Y_train, device, dtype, mem_gb)
+    data = _Data(X_train, Y_train, device, dtype, mem_gb, train_rows)
     folds = _check_folds(folds, data.n)
     T = _test_tensor(X_test, data)
     Yt, _ = _backend.host_tensor(Y_test, "Y_test")
