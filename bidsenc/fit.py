@@ -16,7 +16,14 @@ import pandas as pd
 
 from .align import AlignSettings, kept_rows
 from .align.design import CLEAN_CHUNK_ELEMENTS, clean_run, features_for, planned_rows, split_responses
-from .bids.bold import NATIVE_SPACES, find_regions, load_confounds, read_responses, run_read_bytes
+from .bids.bold import (
+    NATIVE_SPACES,
+    find_regions,
+    load_confounds,
+    read_responses,
+    run_read_bytes,
+    space_from_headers,
+)
 from .bids.experiment import Experiment
 from .config import DEFAULT_HIGH_PASS, RunConfig
 from .errors import DataError, MissingInputError, UsageError
@@ -75,8 +82,26 @@ def fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, device
                          "not depend on memory)") from None
 
 
+def check_memory_early(cfg: RunConfig, experiment: Experiment) -> None:
+    """Refuse a ``--mem`` too small for the responses before any feature is extracted.
+
+    Possible when the voxels are known without reading the data (a brain mask file,
+    surfaces, ds003020's files); when the mask must be computed from the EPI, the check
+    waits for :func:`fit_participant`, which makes it again with what the process then holds.
+    """
+    if cfg.execution.mem_gb is None:
+        return
+    space = space_from_headers(experiment.runs, cfg.inputs.mask)
+    if space is None:
+        return
+    n_models = sum(spec.kind != "lowlevel" for spec in cfg.features)
+    test_stories = list(cfg.models.test_stories) or experiment.repeated_stories
+    _host_memory_plan(cfg, experiment, space, align_settings(cfg.models, experiment), test_stories, n_models,
+                      "cpu", quiet=True)
+
+
 def _host_memory_plan(cfg: RunConfig, experiment: Experiment, space, settings: AlignSettings,
-                      test_stories: list[str], spaces: list, device: str) -> float | None:
+                      test_stories: list[str], n_models: int, device: str, quiet: bool = False) -> float | None:
     """Check ``--mem`` against what this participant's run will hold; return the ridge's share (GiB).
 
     Counted, before any response is read: what the process holds now (libraries, model
@@ -92,7 +117,6 @@ def _host_memory_plan(cfg: RunConfig, experiment: Experiment, space, settings: A
     m = cfg.models
     n_train, rows = planned_rows(experiment.runs, test_stories, settings)
     responses = 4 * space.n_voxels * rows
-    n_models = sum(not _is_baseline(fs) for fs in spaces)
     # stacking predicts one fold at a time with every model: a fold holds about 1/n_folds of the rows
     fold_rows = int(np.ceil(2 * n_train / max(1, m.n_folds)))
     stacking = 4 * space.n_voxels * fold_rows * (n_models + 1) if (m.stacking and n_models >= 2 and test_stories
@@ -111,6 +135,8 @@ def _host_memory_plan(cfg: RunConfig, experiment: Experiment, space, settings: A
         need = held + max(reading, _MIN_RIDGE_BYTES)
         raise UsageError(f"--mem {mem_gb:g} GB is too small for sub-{experiment.participant}: {'; '.join(parts)}; "
                          f"give --mem of at least {np.ceil(need * 1.1 / 1e9):.0f}GB, or fewer voxels (--mask)")
+    if quiet:
+        return None
     log.info("sub-%s: memory: %.1f GB held, %.1f GB of responses%s; %.1f GB of --mem %g GB left for ridge batches",
              experiment.participant, now / 1e9, responses / 1e9,
              f", {stacking / 1e9:.1f} GB of stacking's fold predictions" if stacking else "", (limit - held) / 1e9,
@@ -164,7 +190,8 @@ def _fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, devic
                     "an outer leave-stories-out loop (contiguous blocks for a single story), and there is no "
                     "repeat-based noise ceiling", label)
     space, responses = read_responses(experiment.runs, cfg.inputs.mask)
-    ridge_mem_gb = _host_memory_plan(cfg, experiment, space, settings, test_stories, spaces, device)
+    ridge_mem_gb = _host_memory_plan(cfg, experiment, space, settings, test_stories,
+                                     sum(not _is_baseline(fs) for fs in spaces), device)
     confounds = [load_confounds(run, m.confounds) for run in experiment.runs] if m.confounds else None
     resp = split_responses(experiment.runs, responses, test_stories, settings, confounds=confounds)
     if resp.test is None and not outer:

@@ -23,7 +23,7 @@ def participant(cfg: RunConfig, dataset: Dataset, label: str, logs_dir: Path, ru
     """
     from .bids.bold import check_mask
     from .derivatives import write_dataset_files, write_participant
-    from .fit import fit_participant
+    from .fit import check_memory_early, fit_participant
 
     out = cfg.inputs.output_dir
     warnings = _WarningCollector()
@@ -35,6 +35,7 @@ def participant(cfg: RunConfig, dataset: Dataset, label: str, logs_dir: Path, ru
         if cfg.inputs.mask is not None:  # before hours of features
             check_mask(cfg.inputs.mask, experiment.runs)
         _check_stimulus_within_scans(experiment)
+        check_memory_early(cfg, experiment)  # --mem against the responses, before hours of features
         spaces = extract_features(cfg, experiment.stories, device)
         _warn_sparse_audio_windows(spaces, experiment)
         _record_features(run_dir / f"features-sub-{label}.json", spaces)

@@ -101,8 +101,13 @@ def test_the_reader_checks_headers_first_and_reads_lazily(demo_runs, tmp_path):
     assert sum(1 for _ in runs) == len(responses) - 1
 
 
-def test_mem_too_small_for_the_responses_is_refused_before_they_are_read(demo, tmp_path, capfd, monkeypatch):
-    """The check counts the responses (float32, every kept row) against --mem; nothing is fitted or written."""
+@pytest.mark.parametrize("mask", [False, True])
+def test_mem_too_small_for_the_responses_is_refused_before_they_are_read(demo, tmp_path, capfd, monkeypatch, mask):
+    """--mem is checked against the process, the float32 responses and a run being read, before any is read.
+
+    With a mask file, the voxels are known from headers and the check comes before any
+    feature is extracted; with a mask computed from the EPI, in the fit, before the responses.
+    """
     from bidsenc import fit
 
     root, _ = demo
@@ -110,12 +115,16 @@ def test_mem_too_small_for_the_responses_is_refused_before_they_are_read(demo, t
     real = fit.split_responses
     monkeypatch.setattr(fit, "split_responses", lambda *a, **k: read.append(1) or real(*a, **k))
     monkeypatch.setattr(fit, "_resident_bytes", lambda: 10**9)  # the process holds 1 GB, whatever the test runner
-    out = tmp_path / "out"
+    out, work = tmp_path / "out", tmp_path / "work"
+    extra = ["--mask", str(root / "truth" / "sub-01_mask.nii.gz")] if mask else []
     code = main([str(root / "ds"), str(out), "participant", "--participant-label", "01", "--feature",
-                 "lowlevel:word_rate", "--mem", "1.5GB", "--skip-bids-validation", "--no-reports", "-w",
-                 str(tmp_path / "work")])
+                 "lowlevel:word_rate", "--mem", "1.5GB", "--skip-bids-validation", "--no-reports", "-w", str(work),
+                 *extra])
     err = capfd.readouterr().err
     assert code == 64 and read == []
     line = [x for x in err.splitlines() if "--mem 1.5 GB is too small for sub-01" in x]
     assert len(line) == 1 and "the process holds 1.0 GB now" in line[0] and "its responses take" in line[0]
+    assert "give --mem of at least" in line[0]
     assert "Traceback" not in err and not list(out.glob("sub-01/func/*"))
+    cached = list((work / "feature-cache").rglob("layer-*.npy"))
+    assert (cached == []) == mask  # refused before features when the mask is known

@@ -103,6 +103,18 @@ def load_responses(runs: list[Run], mask_path: Path | None = None, *,
     return list(responses), space
 
 
+def space_from_headers(runs: list[Run], mask_path: Path | None = None) -> Space | None:
+    """The runs' space when it is known without reading their data; None when the mask needs the EPI.
+
+    Known from a brain mask file (``mask_path`` or fMRIPrep's), from the surfaces (the
+    first run is parsed: GIfTI has no separate header), or from ds003020's files.
+    """
+    kind = runs[0].bold.kind
+    if kind == "nifti" and mask_path is None and not any(run.bold.mask for run in runs):
+        return None
+    return read_responses(runs, mask_path)[0]  # the iterator is dropped unread
+
+
 def run_read_bytes(run: Run, space: Space) -> int:
     """Bytes that reading one run of ``space`` takes at its peak (the whole image, then its voxels)."""
     voxels = space.n_voxels
@@ -398,4 +410,4 @@ def _nib_load(path: Path):
 
 
 __all__ = ["NATIVE_SPACES", "Space", "find_regions", "load_confounds", "load_responses", "read_responses",
-           "run_read_bytes"]
+           "run_read_bytes", "space_from_headers"]
