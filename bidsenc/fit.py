@@ -117,9 +117,11 @@ def _host_memory_plan(cfg: RunConfig, experiment: Experiment, space, settings: A
     m = cfg.models
     n_train, rows = planned_rows(experiment.runs, test_stories, settings)
     responses = 4 * space.n_voxels * rows
-    # stacking predicts one fold at a time with every model: a fold holds about 1/n_folds of the rows
-    fold_rows = int(np.ceil(2 * n_train / max(1, m.n_folds)))
-    stacking = 4 * space.n_voxels * fold_rows * (n_models + 1) if (m.stacking and n_models >= 2 and test_stories
+    # stacking predicts one fold at a time with every model (plus one prediction being made and the fold's
+    # responses); a fold holds about 1/n_folds of the rows, or of the stories when they are fewer (uneven: x2)
+    n_stories = len({s.story_id for r in experiment.runs for s in r.segments} - set(test_stories))
+    fold_rows = min(n_train, int(np.ceil(2 * n_train / max(1, min(m.n_folds, n_stories)))))
+    stacking = 4 * space.n_voxels * fold_rows * (n_models + 2) if (m.stacking and n_models >= 2 and test_stories
                                                                     and m.preset != "reference") else 0
     now = _resident_bytes()
     reading = max(run_read_bytes(run, space) for run in experiment.runs) + _CLEANING_BYTES

@@ -449,3 +449,19 @@ def test_residual_covariance_fold_by_fold_equals_it_from_all_out_of_fold_predict
     np.testing.assert_allclose(result.weights, stacking.stack_weights(oof, y), atol=1e-6)
     with pytest.raises(ValueError, match="exactly once"):
         out_of_fold_residual_covariance(designs, alphas, y, folds[:2])
+
+
+def test_residual_covariance_fold_by_fold_takes_boolean_folds():
+    from bidsenc.models.encoding import out_of_fold_residual_covariance
+
+    rng = np.random.default_rng(5)
+    n, v = 100, 8
+    designs = [rng.standard_normal((n, 3)).astype(np.float32), rng.standard_normal((n, 4)).astype(np.float32)]
+    y = rng.standard_normal((n, v)).astype(np.float32)
+    held = np.zeros(n, bool)
+    held[:30] = True  # unequal folds: 30 and 70 rows, weighted by their sizes
+    alphas = [np.full(v, 1.0), np.full(v, 5.0)]
+    by_mask = out_of_fold_residual_covariance(designs, alphas, y, [(~held, held), (held, ~held)])
+    by_index = out_of_fold_residual_covariance(designs, alphas, y, [(np.flatnonzero(~held), np.flatnonzero(held)),
+                                                                    (np.flatnonzero(held), np.flatnonzero(~held))])
+    np.testing.assert_allclose(by_mask, by_index, rtol=1e-12)

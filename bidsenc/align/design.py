@@ -81,7 +81,9 @@ def split_responses(runs: list[Run], responses: Iterable[np.ndarray], test_stori
     blocks, used, notes, empty = [], [], [], []
     responses = iter(responses)  # next() by hand: a zip would hold the previous run while reading the next
     for i, run in enumerate(runs):
-        y = next(responses)
+        y = next(responses, None)
+        if y is None:
+            raise ValueError(f"responses of {len(runs)} runs expected, {i} given")
         if y.shape[0] != run.n_volumes:
             raise DataError(f"{run.name}: {y.shape[0]} volumes read, {run.n_volumes} expected")
         if train is None:
@@ -112,7 +114,9 @@ def split_responses(runs: list[Run], responses: Iterable[np.ndarray], test_stori
         n = min(len(b) for b in blocks)
         if any(len(b) != n for b in blocks):
             notes.append(f"test repeats differ in length; the first {n} volumes of each are used")
-        repeats = np.stack([b[:n, valid] for b in blocks])
+        repeats = np.empty((len(blocks), n, int(valid.sum())), dtype=np.float32)
+        for r in range(len(blocks)):  # each repeat freed once copied: no second set of them alive
+            repeats[r], blocks[r] = blocks[r][:n, valid], None
         test = repeats.mean(0)
         test_runs = used
     for note in notes:

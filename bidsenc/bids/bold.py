@@ -116,11 +116,16 @@ def space_from_headers(runs: list[Run], mask_path: Path | None = None) -> Space 
 
 
 def run_read_bytes(run: Run, space: Space) -> int:
-    """Bytes that reading one run of ``space`` takes at its peak (the whole image, then its voxels)."""
-    voxels = space.n_voxels
+    """Bytes that reading one run of ``space`` takes at its peak (float32 data as read, then its voxels).
+
+    A NIfTI image is read whole, then masked; GIfTI hemispheres are stacked, then transposed
+    (three copies); a ds003020 file is read, then converted. Images stored in another type
+    than float32 take their stored copy on top, not counted here.
+    """
+    volumes = run.trimmed_start + run.n_volumes + run.trimmed_end
     if space.kind == "volume" and space.mask is not None and run.bold.kind == "nifti":
-        voxels += space.mask.size  # the image is read whole, then masked
-    return 4 * voxels * (run.trimmed_start + run.n_volumes + run.trimmed_end)
+        return 4 * volumes * (space.mask.size + space.n_voxels)
+    return 4 * volumes * space.n_voxels * (3 if run.bold.kind == "gifti" else 2)
 
 
 def check_mask(mask_path: Path, runs: list[Run]) -> None:

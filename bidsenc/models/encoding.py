@@ -136,8 +136,11 @@ def out_of_fold_residual_covariance(designs, alphas, y_train, folds, *, device="
     _check_partition(folds, len(y_train))
     total = None
     for train, val in folds:
-        preds = np.stack([ridge_predict(x, y_train, x[val], a, device=device, mem_gb=mem_gb, dtype=dtype,
-                                        train_rows=train) for x, a in zip(designs, alphas, strict=True)])
+        val = np.flatnonzero(val) if np.asarray(val).dtype == bool else np.asarray(val)
+        preds = np.empty((len(designs), len(val), y_train.shape[1]), dtype=np.float32)
+        for j, (x, a) in enumerate(zip(designs, alphas, strict=True)):
+            preds[j] = ridge_predict(x, y_train, x[val], a, device=device, mem_gb=mem_gb, dtype=dtype,
+                                     train_rows=train)
         part = residual_covariance(preds, y_train[val]) * len(val)
         total = part if total is None else total + part
     return total / len(y_train)

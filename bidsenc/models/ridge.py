@@ -272,8 +272,8 @@ class _Data:
     def responses(self, start: int, stop: int):
         """Responses of valid voxels ``start:stop`` (in valid-voxel order), ``n x batch`` on the device.
 
-        A view (no copy) when the responses are already on the device in the solver's dtype
-        and every voxel is valid; callers only read it.
+        A view (no copy) when the responses are already on the device in the solver's dtype,
+        every voxel is valid and all rows are used (no ``train_rows``); callers only read it.
         """
         return self._gather(start, stop)
 
