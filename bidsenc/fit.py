@@ -94,7 +94,7 @@ def check_memory_early(cfg: RunConfig, experiment: Experiment) -> None:
     space = space_from_headers(experiment.runs, cfg.inputs.mask)
     if space is None:
         return
-    n_models = sum(spec.kind != "lowlevel" for spec in cfg.features)
+    n_models = sum(not _is_baseline(spec.kind) for spec in cfg.features)
     test_stories = list(cfg.models.test_stories) or experiment.repeated_stories
     _host_memory_plan(cfg, experiment, space, align_settings(cfg.models, experiment), test_stories, n_models,
                       "cpu", quiet=True)
@@ -191,9 +191,10 @@ def _fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, devic
         log.warning("sub-%s: no story was heard twice and none was named with --test-stories: scores come from "
                     "an outer leave-stories-out loop (contiguous blocks for a single story), and there is no "
                     "repeat-based noise ceiling", label)
+    # low-level baselines are controls to compare models with, not feature spaces to combine
+    n_models = sum(not _is_baseline(fs.describe()["kind"]) for fs in spaces)
     space, responses = read_responses(experiment.runs, cfg.inputs.mask)
-    ridge_mem_gb = _host_memory_plan(cfg, experiment, space, settings, test_stories,
-                                     sum(not _is_baseline(fs) for fs in spaces), device)
+    ridge_mem_gb = _host_memory_plan(cfg, experiment, space, settings, test_stories, n_models, device)
     confounds = [load_confounds(run, m.confounds) for run in experiment.runs] if m.confounds else None
     resp = split_responses(experiment.runs, responses, test_stories, settings, confounds=confounds)
     if resp.test is None and not outer:
@@ -236,8 +237,6 @@ def _fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, devic
              int(valid.sum()), len(folds))
 
     threshold = cfg.outputs.ceiling_threshold
-    # low-level baselines are controls to compare models with, not feature spaces to combine
-    n_models = sum(not _is_baseline(fs) for fs in spaces)
     will_stack = m.stacking and n_models >= 2 and not reference and not outer
     will_band = m.banded and n_models >= 2 and not outer
     will_scale = bool(m.data_scaling_seeds) and not outer
@@ -284,7 +283,7 @@ def _fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, devic
                  "significant (FDR q=%.2f)", fs.name, chosen.layer, float(chosen.test_r.mean()),
                  int(discoveries.sum()), m.fdr_q)
         # the chosen layer's design serves stacking, banded ridge and data scaling
-        combined = not _is_baseline(fs)
+        combined = not _is_baseline(fs.describe()["kind"])
         if combined:
             joint["names"].append(fs.name)
         if will_stack and combined:
@@ -331,9 +330,9 @@ def _fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, devic
                              labels, names)
 
 
-def _is_baseline(fs) -> bool:
-    """A low-level baseline (word rate, envelope, ...), not a model."""
-    return fs.describe().get("kind") == "lowlevel"
+def _is_baseline(kind: str) -> bool:
+    """A feature kind that is a low-level baseline (word rate, envelope, ...), not a model."""
+    return kind == "lowlevel"
 
 
 def _shuffled_null(name, chosen, x_train, x_test, y_train, y_test, groups, folds, alphas, outer, gap, ridge: dict,

@@ -111,24 +111,13 @@ class StackedResult:
     r2: np.ndarray               # [V]
 
 
-def out_of_fold_predictions(x_train, y_train, folds, alphas, *, device="cpu", mem_gb=None,
-                            dtype="float32") -> np.ndarray:
-    """Each training row predicted by a model fitted without its fold (folds must partition the rows)."""
-    _check_partition(folds, len(y_train))
-    out = np.zeros(y_train.shape, dtype=np.float32)
-    for train, val in folds:  # train_rows: the fold's responses are gathered batch by batch, not copied
-        out[val] = ridge_predict(x_train, y_train, x_train[val], alphas, device=device, mem_gb=mem_gb, dtype=dtype,
-                                 train_rows=train)
-    return out
-
-
 def out_of_fold_residual_covariance(designs, alphas, y_train, folds, *, device="cpu", mem_gb=None,
                                     dtype="float32") -> np.ndarray:
     """Per voxel, the covariance of several spaces' out-of-fold residuals (what stacking weighs).
 
     ``P[v, i, j] = mean_t e_i e_j`` with ``e_j = y - p_j`` and ``p_j`` the out-of-fold
     prediction of space ``j`` (design ``designs[j]``, one alpha per voxel ``alphas[j]``), as
-    :func:`bidsenc.models.stacking.residual_covariance` of :func:`out_of_fold_predictions`
+    :func:`bidsenc.models.stacking.residual_covariance` of the stacked out-of-fold predictions
     gives it. Computed fold by fold, keeping only each fold's predictions: every space's
     out-of-fold predictions over all rows would be as large as the responses, per space.
     Folds must partition the rows.
