@@ -327,5 +327,6 @@ def test_last_hidden_state_is_the_encoder_output(models, jfk, reference):
         out = model.model(**inputs, output_hidden_states=True)
     np.testing.assert_allclose(ref[2][-1], out.last_hidden_state[0, -1].numpy(), atol=1e-6)
     np.testing.assert_allclose(ref[1][-1], out.hidden_states[1][0, -1].numpy(), atol=1e-6)
-    # transformers 5 returns the pre-LayerNorm state as hidden_states[-1] for these models
-    assert not np.allclose(ref[2][-1], out.hidden_states[2][0, -1].numpy(), atol=1e-3)
+    # Whether transformers' own hidden_states[-1] is the pre- or the post-LayerNorm state (transformers 5
+    # returns the former for these models) is transformers' business: bidsenc's last layer is
+    # last_hidden_state either way, which is what is checked above.

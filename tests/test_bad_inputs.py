@@ -420,7 +420,7 @@ def _(ds, tmp, mp):
     mp.setattr(os, "access", lambda p, mode, *a, **k: False if Path(p) == sub else real(p, mode, *a, **k))
 
 
-@case("disk-full", 74, "No space left on device")
+@case("disk-full", 74, os.strerror(errno.ENOSPC))  # the C library's wording, passed on by bidsenc
 def _(ds, tmp, mp):
     import bidsenc._io as io_module
 

@@ -1,16 +1,20 @@
 """What an installation needs, and what happens when an installed package is broken.
 
-A dependency that breaks on import (torchaudio 2.11.1's library against torch 2.11.0 did)
-must end a run with one line naming the package and what to do, not a traceback.
+A dependency that breaks on import (a compiled library that does not load, as torchaudio 2.11.1's
+did against torch 2.11.0) must end a run with one line naming the package and what to do, not a
+traceback.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from importlib.metadata import requires
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 DATA = Path(__file__).parent / "data"
@@ -63,24 +67,37 @@ def test_a_broken_resampler_is_named_and_needed_only_to_resample(tmp_path):
     assert "pip install --force-reinstall soxr" in message
 
 
-def test_a_broken_torchaudio_ends_the_run_with_one_line_naming_it(tmp_path, demo):
-    """transformers imports torchaudio whenever it is installed: the run must say which package to fix."""
-    from bidsenc.synth.models import make_whisper_encoder
+def test_a_broken_compiled_library_ends_the_run_with_one_line_naming_it(tmp_path, demo):
+    """A compiled library that does not load must end a run with one line naming it and what to do.
+
+    The library is one bidsenc itself imports part-way through a run: soxr, imported by
+    ``load_audio`` when a stimulus is not at the rate wanted (here 32 kHz, resampled to 16 kHz
+    for ``lowlevel:envelope``), long after the run has started and its logs exist.
+    """
+    import soundfile as sf
 
     root, _ = demo
-    whisper = make_whisper_encoder(tmp_path / "models")["path"]
+    ds = tmp_path / "ds"
+    shutil.copytree(root / "ds", ds, copy_function=os.link)  # hard links: files are replaced, never written
+    for wav in sorted((ds / "stimuli").glob("*.wav")):
+        samples, rate = sf.read(wav, dtype="int16")
+        assert rate == 16000
+        wav.unlink()
+        sf.write(wav, np.repeat(samples, 2, axis=0), 2 * rate, subtype="PCM_16")  # same duration at 32 kHz
     site = tmp_path / "site-packages"
-    _broken_package(site, "torchaudio")
-    proc = _run(["-m", "bidsenc.cli.run", str(root / "ds"), str(tmp_path / "out"), "participant",
+    _broken_package(site, "soxr", "1.1.0")
+    proc = _run(["-m", "bidsenc.cli.run", str(ds), str(tmp_path / "out"), "participant",
                  "--participant-label", "01", "--skip-bids-validation", "--features-only",
-                 "--feature", f"audio:{whisper}", "-w", str(tmp_path / "work")], site, tmp_path)
+                 "--feature", "lowlevel:envelope", "-w", str(tmp_path / "work")], site, tmp_path)
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "ERROR" in line]
     assert len(errors) == 1, proc.stderr
-    assert "the installed package torchaudio fails to import (OSError: Could not load this library" in errors[0]
-    assert "pip uninstall torchaudio" in errors[0]
-    assert not list((tmp_path / "out" / "logs").glob("crash-*"))  # not a bidsenc bug: no crash file
+    assert "the installed package soxr fails to import (OSError: Could not load this library" in errors[0]
+    assert "pip install --force-reinstall soxr" in errors[0]
+    assert "requirements/lock.txt" in errors[0]
+    assert not list((tmp_path / "out" / "logs").rglob("crash-*"))  # not a bidsenc bug: no crash file
+    assert not list(tmp_path.glob("crash-*"))
 
 
 @pytest.mark.parametrize("exc", [ValueError("not an import"), KeyError("x")])
