@@ -143,11 +143,12 @@ class ModelConfig:
     bootstraps: int = 50
     bootstrap_chunk_len: int = 40
     bootstrap_chunks: int | None = None
-    #: Significance by circular shifts of the prediction against the test response.
+    #: With a test story, significance by circular shifts of the prediction against the test response
+    #: (without one, by the misaligned-stimulus null; by circular shifts only when that is off).
     n_permutations: int = 1000
     fdr_q: float = 0.05
-    #: Misaligned-stimulus null: each model's best layer refitted this many times on features
-    #: circularly shifted per story (0 turns it off).
+    #: Misaligned-stimulus null: each model refitted this many times on its stimulus rotated in time
+    #: within each story (without a test story, the whole nested procedure each time); 0 turns it off.
     null_draws: int = 5
     #: Response cleaning: "auto" (detrend fMRIPrep and raw data; not ds003020's cleaned files),
     #: "detrend" or "none".

@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-from .align import AlignSettings, kept_rows
+from .align import AlignSettings, kept_rows, misalign, misalignment_lags
 from .align.design import CLEAN_CHUNK_ELEMENTS, clean_run, features_for, planned_rows, split_responses
 from .bids.bold import (
     NATIVE_SPACES,
@@ -30,9 +31,10 @@ from .errors import DataError, MissingInputError, UsageError
 from .models.ceiling import intersubject_reliability
 from .models.cv import bootstrap_chunks, buffer_rows, leave_stories_out
 from .models.encoding import (
+    LayerFit,
+    NullScores,
     alpha_grid,
     evaluate_layer,
-    evaluate_layer_outer,
     noise_ceiling,
     out_of_fold_residual_covariance,
     select_best_layer,
@@ -40,7 +42,9 @@ from .models.encoding import (
     significance,
     stack_spaces,
 )
+from .models.nested import nested_outer_cv
 from .models.ridge import MemoryBudgetError, fit_and_score, pearson_r
+from .models.stats import fdr_bh, pooled_null_pvalues
 from .results import BandedResult, ModelResult, ParticipantResult, model_family, relative_depth
 
 log = logging.getLogger(__name__)
@@ -177,22 +181,116 @@ def _problem_size(experiment: Experiment) -> int:
     return voxels * sum(r.n_volumes for r in experiment.runs)
 
 
+@dataclass
+class HowToFit:
+    """How every ridge fit of one participant runs: set once from the run's settings, passed to each step."""
+
+    score: str           # the validation score that chooses alphas (and layers)
+    device: str
+    mem_gb: float | None  # the CPU ridge's share of --mem (None: unbounded, or on a GPU)
+    dtype: str           # float64 under the reference preset, like the reference code
+    alphas: np.ndarray
+    gap: int             # rows left out on each side of a held-out block of a single story
+    seed: int
+    n_inner: int         # inner folds of an outer cross-validation
+
+    @property
+    def ridge(self) -> dict:
+        """The keyword arguments of every ridge function."""
+        return {"score": self.score, "device": self.device, "mem_gb": self.mem_gb, "dtype": self.dtype}
+
+
+@dataclass
+class _Prepared:
+    """One participant's responses, split and cleaned, with the validation folds and the ceiling."""
+
+    resp: object                 # align.design.Responses (columns: the valid voxels)
+    space: object
+    settings: AlignSettings
+    confounds: list | None
+    test_stories: list[str]
+    folds: list
+    ceiling: np.ndarray | None   # CC_max (float64) with test repeats
+    ceil_v: np.ndarray | None    # the ceiling used for scores (CC_max or inter-subject), float32
+    ceiling_info: dict
+    n_models: int
+    tr: float
+
+    @property
+    def outer(self) -> bool:
+        """No test story: scores come from an outer cross-validation of the training stories."""
+        return not self.test_stories
+
+    @property
+    def y_test(self):
+        return self.resp.train if self.outer else self.resp.test
+
+
+@dataclass
+class _SpaceFit:
+    """One feature space fitted: its result, its summary rows, and what stacking and scaling reuse."""
+
+    result: ModelResult
+    rows: list[dict]
+    chosen: LayerFit | None = None   # with a test story: the chosen layer's fit and design
+    x_train: np.ndarray | None = None
+    x_test: np.ndarray | None = None
+
+
 def _fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, device: str,
                      peers) -> ParticipantResult:
-    m = cfg.models
-    reference = m.preset == "reference"
-    settings = align_settings(m, experiment)
     t0 = time.perf_counter()
-    seed = cfg.execution.random_seed
+    m = cfg.models
+    # low-level baselines are controls to compare models with, not feature spaces to combine
+    n_models = sum(not _is_baseline(fs.describe()["kind"]) for fs in spaces)
+    data, ridge_mem_gb = _prepare(cfg, experiment, n_models, device, peers)
+    reference = m.preset == "reference"
+    how = HowToFit(score=m.cv_score or ("reference" if reference else "r2"), device=device, mem_gb=ridge_mem_gb,
+                   dtype="float64" if reference else "float32",
+                   alphas=alpha_grid("reference" if reference else m.alphas),
+                   gap=buffer_rows(data.tr, max(data.settings.delay_trs(data.tr)) * data.tr),
+                   seed=cfg.execution.random_seed, n_inner=m.n_folds)
+    data.folds = leave_stories_out(data.resp.train_groups, m.n_folds, how.seed, how.gap) if data.outer else \
+        _folds(data.resp.train_groups, m, how.seed, how.gap)
+    _log_data(experiment, data)
+    combine = any(_will_combine(m, data, n_models))
+    fitted, scaling_rows = [], []
+    for fs in spaces:
+        fit = _fit_space(cfg, fs, experiment, data, how)
+        scaling_rows += _scale_data(cfg, data, how, fit)
+        if not (combine and not _is_baseline(fs.describe()["kind"])):  # designs kept only for stacking/banded
+            fit.x_train = fit.x_test = None
+        fitted.append(fit)
+    stacked, banded, joint_rows = _combine(cfg, data, how, fitted)
+    scaling = pd.DataFrame(scaling_rows)
+    summary = pd.DataFrame([row for f in fitted for row in f.rows] + joint_rows)
+    result = ParticipantResult(experiment.participant, data.space, data.resp.valid, [f.result for f in fitted],
+                               data.ceil_v, stacked, summary, scaling, _responses_info(cfg, experiment, data, how),
+                               banded)
+    regions = find_regions(experiment.runs, data.space)
+    if regions is not None:
+        result.region_labels, result.region_names = regions[0][data.resp.valid], regions[1]
+        result.responses["regions"] = regions[2]
+    log.info("sub-%s: encoding models fitted in %.0f s", experiment.participant, time.perf_counter() - t0)
+    return result
+
+
+def _prepare(cfg: RunConfig, experiment: Experiment, n_models: int, device: str, peers) -> tuple[_Prepared, float]:
+    """Responses read, cleaned and split; the noise ceiling; ``--mem`` checked (returns the ridge's share)."""
+    m = cfg.models
     label = experiment.participant
+    settings = align_settings(m, experiment)
     test_stories = list(m.test_stories) or experiment.repeated_stories
     outer = not test_stories
     if outer:
         log.warning("sub-%s: no story was heard twice and none was named with --test-stories: scores come from "
-                    "an outer leave-stories-out loop (contiguous blocks for a single story), and there is no "
-                    "repeat-based noise ceiling", label)
-    # low-level baselines are controls to compare models with, not feature spaces to combine
-    n_models = sum(not _is_baseline(fs.describe()["kind"]) for fs in spaces)
+                    "an outer leave-stories-out loop (contiguous blocks for a single story), each model's layer "
+                    "chosen inside each outer fold, and there is no repeat-based noise ceiling", label)
+    if m.preset == "reference" and experiment.runs[0].bold.kind != "hdf5" and not settings.high_pass:
+        log.warning("sub-%s: the reference preset filters nothing, as the reference code, whose inputs (ds003020's "
+                    "preprocessed files) come detrended; these responses are not those files, so slow drift is "
+                    "fitted and scored too: compare each model with its misaligned-stimulus null, or give "
+                    "--high-pass 1/128", label)
     space, responses = read_responses(experiment.runs, cfg.inputs.mask)
     ridge_mem_gb = _host_memory_plan(cfg, experiment, space, settings, test_stories, n_models, device)
     confounds = [load_confounds(run, m.confounds) for run in experiment.runs] if m.confounds else None
@@ -205,162 +303,278 @@ def _fit_participant(cfg: RunConfig, experiment: Experiment, spaces: list, devic
                  f"or not finite in some of its {len(experiment.runs)} runs")
         raise DataError(f"sub-{label}: {which}; check those BOLD files (e.g. with nilearn's plotting.plot_epi) "
                         "or leave them out with --bids-filter-file")
-    convention = "reference" if reference else "consistent"
+    convention = "reference" if m.preset == "reference" else "consistent"
     ceiling = None if outer else noise_ceiling(resp.test_repeats, floor=m.ceiling_floor, convention=convention)
-    tr = experiment.runs[0].tr
-    gap = buffer_rows(tr, max(settings.delay_trs(tr)) * tr)
-    # scores without a test story always come from buffered blocks or whole stories, also under the
-    # reference preset (its overlapping bootstrap chunks would score rows more than once)
-    folds = leave_stories_out(resp.train_groups, m.n_folds, seed, gap) if outer else \
-        _folds(resp.train_groups, m, seed, gap)
-    alphas = alpha_grid("reference" if reference else m.alphas)
-    score = m.cv_score or ("reference" if reference else "r2")
-    # every ridge fit of this participant: the reference preset computes in float64 like the reference code,
-    # so that near-tied alphas of noise voxels are decided as it decides them
-    ridge = {"score": score, "device": device, "mem_gb": ridge_mem_gb,
-             "dtype": "float64" if reference else "float32"}
-    valid = resp.valid  # resp's columns are the valid voxels
-    y_train = resp.train
-    y_test = y_train if outer else resp.test
     ceil_v = ceiling.astype(np.float32) if ceiling is not None else None
     ceiling_info = {"kind": "cc_max", "description": "CC_max (Schoppe et al. 2016) from the test repeats",
                     "convention": convention, "floor": m.ceiling_floor}
     if outer:
         ceil_v, ceiling_info = _intersubject_ceiling(experiment, list(peers), resp, space, settings, m)
-    n_left_out = int((~valid).sum())
+    data = _Prepared(resp, space, settings, confounds, test_stories, [], ceiling, ceil_v, ceiling_info, n_models,
+                     experiment.runs[0].tr)
+    return data, ridge_mem_gb
+
+
+def _log_data(experiment: Experiment, data: _Prepared) -> None:
+    label, resp = experiment.participant, data.resp
+    n_left_out = int((~resp.valid).sum())
     if n_left_out:
         log.warning("sub-%s: %d voxels have constant or non-finite responses in some run and are left out "
                     "(0 in every map)", label, n_left_out)
-    log.info("sub-%s: %d training volumes from %d stories, %s, %d voxels; %d folds", label, len(y_train),
-             len(resp.story_names), "scored by outer cross-validation" if outer else
-             f"{len(y_test)} test volumes ({len(resp.test_repeats)} repeats of {', '.join(test_stories)})",
-             int(valid.sum()), len(folds))
+    log.info("sub-%s: %d training volumes from %d stories, %s, %d voxels; %d folds", label, len(resp.train),
+             len(resp.story_names), "scored by outer cross-validation" if data.outer else
+             f"{len(resp.test)} test volumes ({len(resp.test_repeats)} repeats of {', '.join(data.test_stories)})",
+             int(resp.valid.sum()), len(data.folds))
 
+
+def _fit_space(cfg: RunConfig, fs, experiment: Experiment, data: _Prepared, how: HowToFit) -> _SpaceFit:
+    """Every layer of one feature space fitted and scored; the model's layer chosen without the scored rows."""
+    fitted = (_fit_space_nested if data.outer else _fit_space_test)(cfg, fs, experiment, data, how)
+    model = fitted.result
+    if model.null_r is not None:
+        _report_null(fs.name, model, cfg.models.null_draws, data.outer)
+    log.info("%s: %s: mean test r %.3f, %d voxels significant (FDR q=%.2f)", fs.name, _selection_text(model),
+             float(model.score_r.mean()), int(model.fdr.sum()), cfg.models.fdr_q)
+    return fitted
+
+
+def _fit_space_test(cfg: RunConfig, fs, experiment: Experiment, data: _Prepared, how: HowToFit) -> _SpaceFit:
+    """With a test story: each layer cross-validated on the training stories, the best one scored on the test."""
+    m, resp = cfg.models, data.resp
     threshold = cfg.outputs.ceiling_threshold
-    will_stack = m.stacking and n_models >= 2 and not reference and not outer
-    will_band = m.banded and n_models >= 2 and not outer
-    will_scale = bool(m.data_scaling_seeds) and not outer
-    if m.banded and not will_band:
-        log.info("sub-%s: banded ridge needs two feature spaces or more and a test story", label)
-    if m.data_scaling_seeds and not will_scale:
-        log.info("sub-%s: no data-scaling curve without a test story", label)
-    rows, models, scaling_rows = [], [], []
-    joint = {"names": [], "designs": [], "alphas": [], "test_predictions": [], "x_train": [], "x_test": []}
-    for fs in spaces:
-        fits, layer_rows, kept = [], [], None  # kept: the best layer so far with its design, reused below
-        for layer in fs.layers:
-            x_train, x_test = features_for(resp, _layer_features(fs, experiment.stories, layer), settings)
-            if outer:
-                fit = evaluate_layer_outer(layer, x_train, y_train, resp.train_groups, folds, alphas,
-                                           n_inner=m.n_folds, seed=seed, gap=gap, **ridge)
-            else:
-                fit = evaluate_layer(layer, x_train, y_train, x_test, y_test, folds, alphas, **ridge,
-                                     return_weights=m.save_weights)
-            fits.append(fit)
-            layer_rows.append(_summary_row(fs, fit, ceil_v, threshold))
-            if kept is None or select_best_layer([kept[0], fit]) is fit:  # ties keep the earlier layer
-                kept = (fit, x_train, x_test)
-        chosen, x_train, x_test = kept
-        for fit in fits:  # weights, when asked, are kept for the chosen layer only
-            if fit is not chosen:
-                fit.weights = None
-        null = None
-        if m.null_draws:
-            null = _shuffled_null(fs.name, chosen, x_train, x_test, y_train, y_test, resp.train_groups, folds,
-                                  alphas, outer, gap, ridge, cfg)
-            layer_rows[fits.index(chosen)].update(null_mean_r=null.mean_r, null_r95=null.threshold,
-                                                  fraction_above_null=null.fraction_above)
-        scored = _held_out(y_train, folds) if outer else y_test
-        pvalues, discoveries = significance(chosen.predictions, scored, n_permutations=m.n_permutations,
-                                            q=m.fdr_q, seed=seed)
-        layer_rows[fits.index(chosen)]["best"] = True
-        rows += layer_rows
-        models.append(ModelResult(fs.name, fs.describe(), np.array(fs.layers),
-                                  np.stack([f.stats(ceil_v) for f in fits]), chosen.layer,
-                                  pvalues.astype(np.float32), discoveries, chosen.weights,
-                                  None if null is None else null.r))
-        log.info("%s: best layer %d (by cross-validated training score): mean test r %.3f, %d voxels "
-                 "significant (FDR q=%.2f)", fs.name, chosen.layer, float(chosen.test_r.mean()),
-                 int(discoveries.sum()), m.fdr_q)
-        # the chosen layer's design serves stacking, banded ridge and data scaling
-        combined = not _is_baseline(fs.describe()["kind"])
-        if combined:
-            joint["names"].append(fs.name)
-        if will_stack and combined:
-            joint["designs"].append(x_train)
-            joint["alphas"].append(chosen.alphas)
-            joint["test_predictions"].append(chosen.predictions)
-        if will_band and combined:
-            joint["x_train"].append(x_train)
-            joint["x_test"].append(x_test)
-        if will_scale:
-            scaling_rows += _data_scaling(fs.name, chosen.layer, x_train, x_test, resp, y_train, y_test, alphas,
-                                          ceil_v, cfg, tr, gap, ridge)
+    fits, rows, kept = [], [], None  # kept: the best layer so far with its design, reused below
+    for layer in fs.layers:
+        x_train, x_test = features_for(resp, _layer_features(fs, experiment.stories, layer), data.settings)
+        fit = evaluate_layer(layer, x_train, resp.train, x_test, resp.test, data.folds, how.alphas, **how.ridge,
+                             return_weights=m.save_weights)
+        fits.append(fit)
+        rows.append(_summary_row(fs, fit, data.ceil_v, threshold))
+        if kept is None or select_best_layer([kept[0], fit]) is fit:  # ties keep the earlier layer
+            kept = (fit, x_train, x_test)
+    chosen, x_train, x_test = kept
+    for fit in fits:  # weights, when asked, are kept for the chosen layer only
+        if fit is not chosen:
+            fit.weights = None
+    null = None
+    if m.null_draws:
+        # the test story plays no part in choosing the layer, so the chosen layer's refits are the whole procedure
+        # as far as the test score is concerned
+        def refit(xs, xt):
+            return fit_and_score(xs, resp.train, xt, resp.test, data.folds, how.alphas, **how.ridge)["test_r"]
 
+        null = shuffled_null(refit, x_train, resp.train_groups, x_test, chosen.test_r, n_draws=m.null_draws,
+                             seed=how.seed).r
+    pvalues, discoveries = significance(chosen.predictions, resp.test, n_permutations=m.n_permutations, q=m.fdr_q,
+                                        seed=how.seed)
+    model = ModelResult(fs.name, fs.describe(), np.array(fs.layers), np.stack([f.stats(data.ceil_v) for f in fits]),
+                        chosen.layer, pvalues.astype(np.float32), discoveries, chosen.weights, null,
+                        pvalue_method=CIRCULAR_METHOD, selection={"method": "training-cv", "layer": int(chosen.layer),
+                                   "description": "the layer with the highest mean cross-validated score on the "
+                                                  "training stories; the test story plays no part"})
+    rows[fits.index(chosen)].update(_model_columns(model, data.ceil_v, threshold))
+    return _SpaceFit(model, rows, chosen, x_train, x_test)
+
+
+def _fit_space_nested(cfg: RunConfig, fs, experiment: Experiment, data: _Prepared, how: HowToFit) -> _SpaceFit:
+    """Without a test story: outer cross-validation, the layer chosen inside each outer fold (nested)."""
+    m, resp = cfg.models, data.resp
+    threshold = cfg.outputs.ceiling_threshold
+
+    durations = _story_durations(fs, experiment)
+
+    def designs(lags=None):  # one layer's design in memory at a time; a null draw's stimulus rotated by lags
+        for layer in fs.layers:
+            features = _layer_features(fs, experiment.stories, layer)
+            if lags is not None:
+                features = misalign(features, lags, durations)
+            yield layer, features_for(resp, features, data.settings)[0]
+
+    t0 = time.perf_counter()
+    draws = misalignment_lags(durations, m.null_draws, how.seed)
+    nested = nested_outer_cv(designs(), resp.train, resp.train_groups, data.folds, how.alphas, n_inner=how.n_inner,
+                             seed=how.seed, gap=how.gap, null_designs=[designs(lags) for lags in draws],
+                             **how.ridge)
+    log.info("%s: %d layers x %d outer folds%s fitted in %.0f s", fs.name, len(nested.layers), len(data.folds),
+             f", with {m.null_draws} misaligned-stimulus draws of the whole procedure" if m.null_draws else "",
+             time.perf_counter() - t0)
+    fits = [LayerFit(int(layer), nested.layer_r[i], nested.layer_r2[i], nested.layer_alphas[i],
+                     nested.layer_cv_score[i], None, nested.valid) for i, layer in enumerate(nested.layers)]
+    rows = [_summary_row(fs, fit, data.ceil_v, threshold) for fit in fits]
+    if m.null_draws:  # calibrated where shifts of a cross-validated prediction are not (docs/benchmarks.md)
+        pvalues = pooled_null_pvalues(nested.z, nested.null_z)
+        discoveries = fdr_bh(pvalues, q=m.fdr_q)
+        method = POOLED_NULL_METHOD
+    else:
+        log.warning("%s: with --null-draws 0 the p-values come from circular shifts of the cross-validated "
+                    "prediction, which are anti-conservative without a test story (docs/benchmarks.md); keep the "
+                    "null on for p-values you report", fs.name)
+        pvalues, discoveries = significance(nested.predictions, resp.train[nested.scored],
+                                            n_permutations=m.n_permutations, q=m.fdr_q, seed=how.seed)
+        method = CIRCULAR_METHOD
+    chosen = nested.chosen_layer
+    model = ModelResult(fs.name, fs.describe(), np.asarray(nested.layers), np.stack([f.stats(data.ceil_v)
+                                                                                     for f in fits]),
+                        chosen, pvalues.astype(np.float32), discoveries, None,
+                        nested.null_r if m.null_draws else None, model_r=nested.r, model_r2=nested.r2,
+                        pvalue_method=method,
+                        fold_layers=np.asarray(nested.fold_layers),
+                        selection={"method": "nested", "fold_layers": [int(v) for v in nested.fold_layers],
+                                   "layer": int(chosen), "share": nested.chosen_share,
+                                   "description": "each outer fold chose the layer with the highest mean inner "
+                                                  "cross-validated score on its own training rows and predicted "
+                                                  "its held-out block with it; the model's score is that of "
+                                                  "these nested predictions (held out), the best-layer maps show "
+                                                  "the layer most folds chose"})
+    rows[[int(v) for v in nested.layers].index(chosen)].update(_model_columns(model, data.ceil_v, threshold))
+    return _SpaceFit(model, rows)
+
+
+#: How p-values were computed, as the sidecars of the logp and fdr maps say it.
+CIRCULAR_METHOD = "circular shifts of the prediction against the response (exact over every allowed shift)"
+POOLED_NULL_METHOD = ("the model's r against the misaligned-stimulus null of the same nested procedure, pooled over "
+                      "voxels and draws, each r divided by its spread over circular shifts of its prediction "
+                      "(z = r / sd): p = (1 + #{null z >= z}) / (1 + draws x voxels)")
+
+
+def _story_durations(fs, experiment: Experiment) -> dict:
+    """Each story's length in seconds (its audio's, else up to its last feature time and one more step)."""
+    out = {}
+    for sid, story in experiment.stories.items():
+        if story.duration:
+            out[sid] = float(story.duration)
+            continue
+        times = np.asarray(fs.load(sid).times, dtype=np.float64)
+        step = float(np.median(np.diff(times))) if len(times) > 1 else 1.0
+        out[sid] = float(times.max() + max(step, 1e-3)) if len(times) else 1.0
+    return out
+
+
+def _selection_text(model: ModelResult) -> str:
+    sel = model.selection or {}
+    if sel.get("method") == "nested":
+        folds = sel["fold_layers"]
+        return (f"layer chosen inside each outer fold ({', '.join(map(str, folds))}; layer {sel['layer']} in "
+                f"{round(sel['share'] * len(folds))} of {len(folds)}), nested score")
+    return f"best layer {model.best_layer} (by cross-validated training score)"
+
+
+def _model_columns(model: ModelResult, ceiling, threshold: float) -> dict:
+    """The columns of the chosen layer's summary row that describe the model as a whole."""
+    r = model.score_r
+    sel = model.selection or {}
+    out = {"best": True, "selection": sel.get("method", "training-cv"),
+           "fold_layers": ",".join(map(str, sel.get("fold_layers", []))) or f"{model.best_layer}",
+           "model_mean_r": float(r.mean()), "model_median_r": float(np.median(r)),
+           "model_mean_r2": float(model.score_r2.mean()),
+           "model_mean_r_ceiling": _mean_over_ceiling(r, ceiling, threshold),
+           "model_fraction_of_ceiling": _fraction_of_ceiling(r, ceiling, threshold)}
+    if model.null_r is not None:
+        null = NullScores(model.null_r, r)
+        out.update(null_mean_r=null.mean_r, null_r95=null.threshold, fraction_above_null=null.fraction_above)
+    return out
+
+
+def _report_null(name: str, model: ModelResult, n_draws: int, outer: bool) -> None:
+    null = NullScores(model.null_r, model.score_r)
+    what = ("the whole nested procedure on the stimulus rotated in time within each story" if outer else
+            f"layer {model.best_layer} refitted on features circularly shifted per story")
+    log.info("%s, misaligned-stimulus null (%d draws, %s): mean r %.3f (real %.3f); %.0f%% of voxels above the "
+             "null's 95th percentile r %.3f", name, n_draws, what, null.mean_r, float(model.score_r.mean()),
+             100 * null.fraction_above, null.threshold)
+    if not null.clearly_above:
+        log.warning("%s scores are not clearly above a misaligned stimulus (mean r %.3f against %.3f with the "
+                    "stimulus shifted in time; %.0f%% of voxels above the null's 95th percentile, 5%% expected by "
+                    "chance): do not read its maps as stimulus-driven", name, float(model.score_r.mean()),
+                    null.mean_r, 100 * null.fraction_above)
+
+
+def _will_combine(m, data: _Prepared, n_models: int) -> tuple[bool, bool]:
+    """Whether the models' chosen layers are stacked, and fitted jointly by banded ridge (not the baselines)."""
+    will_stack = m.stacking and n_models >= 2 and m.preset != "reference" and not data.outer
+    will_band = m.banded and n_models >= 2 and not data.outer
+    return will_stack, will_band
+
+
+def _combine(cfg: RunConfig, data: _Prepared, how: HowToFit, fitted: list[_SpaceFit]):
+    """Stacking and banded ridge of the models' chosen layers (with a test story; not the baselines)."""
+    m = cfg.models
+    models = [f for f in fitted if not _is_baseline(f.result.description["kind"])]
+    will_stack, will_band = _will_combine(m, data, len(models))
+    if m.banded and not will_band:
+        log.info("banded ridge needs two feature spaces or more and a test story")
     stacked = banded = None
+    rows = []
+    names = [f.result.name for f in models]
+    threshold = cfg.outputs.ceiling_threshold
     if will_stack:
-        residual_cov = out_of_fold_residual_covariance(joint["designs"], joint["alphas"], y_train, folds,
-                                                       device=device, mem_gb=ridge_mem_gb, dtype=ridge["dtype"])
-        stacked = stack_spaces(joint["names"], residual_cov, joint["test_predictions"], y_test)
-        rows.append(_joint_row("stacked", stacked.r, stacked.r2, ceil_v, threshold))
+        residual_cov = out_of_fold_residual_covariance([f.x_train for f in models], [f.chosen.alphas for f in models],
+                                                       data.resp.train, data.folds, device=how.device,
+                                                       mem_gb=how.mem_gb, dtype=how.dtype)
+        stacked = stack_spaces(names, residual_cov, [f.chosen.predictions for f in models], data.resp.test)
+        rows.append(_joint_row("stacked", stacked.r, stacked.r2, data.ceil_v, threshold))
     if will_band:
-        banded = _banded(joint["names"], joint["x_train"], y_train, joint["x_test"], y_test, folds, alphas, device,
-                         seed)
-        rows.append(_joint_row("banded", banded.r, banded.r2, ceil_v, threshold))
-    summary = pd.DataFrame(rows)
-    scaling = pd.DataFrame(scaling_rows)
+        banded = _banded(names, [f.x_train for f in models], data.resp.train, [f.x_test for f in models],
+                         data.resp.test, data.folds, how.alphas, how.device, how.seed)
+        rows.append(_joint_row("banded", banded.r, banded.r2, data.ceil_v, threshold))
+    return stacked, banded, rows
+
+
+def _scale_data(cfg: RunConfig, data: _Prepared, how: HowToFit, fit: _SpaceFit) -> list[dict]:
+    """The data-scaling curve of one model's chosen layer (with a test story)."""
+    if not cfg.models.data_scaling_seeds:
+        return []
+    if data.outer:
+        log.info("%s: no data-scaling curve without a test story", fit.result.name)
+        return []
+    return _data_scaling(fit.result.name, fit.chosen.layer, fit.x_train, fit.x_test, data.resp, data.resp.train,
+                         data.resp.test, how.alphas, data.ceil_v, cfg, data.tr, how.gap, how.ridge)
+
+
+def _responses_info(cfg: RunConfig, experiment: Experiment, data: _Prepared, how: HowToFit) -> dict:
+    """How the responses were prepared, split and scored: the sidecar ``*_desc-responses_encoding.json``."""
+    m, resp, valid = cfg.models, data.resp, data.resp.valid
     info = {
-        "space": space.kind, "space_name": space.name, "mask": space.mask_source, "n_voxels": space.n_voxels,
-        "n_fitted": int(valid.sum()), "n_left_out": n_left_out,
-        "cleaning": _cleaning(settings, confounds, m.confounds), "high_pass_hz": settings.high_pass,
-        "test_stories": test_stories, "n_test_repeats": 0 if outer else int(len(resp.test_repeats)),
-        "n_test_volumes": 0 if outer else int(len(y_test)), "n_train_volumes": int(len(y_train)),
-        "scoring": _scoring(outer, resp, len(folds), gap, tr),
-        "noise_ceiling": ceiling_info, "cv_score": score,
-        "alpha_selection": _alpha_selection(m, outer, folds, score, alphas, gap), "precision": ridge["dtype"],
-        "train_stories": resp.story_names, "preset": m.preset,
-        "delays_trs": settings.delay_trs(experiment.runs[0].tr), "tr": experiment.runs[0].tr,
-        "notes": resp.notes}
-    regions = find_regions(experiment.runs, space)
-    labels, names = (None, {})
-    if regions is not None:
-        labels, names, info["regions"] = regions[0][valid], regions[1], regions[2]
-    log.info("sub-%s: encoding models fitted in %.0f s", label, time.perf_counter() - t0)
-    return ParticipantResult(label, space, valid, models, ceil_v, stacked, summary, scaling, info, banded,
-                             labels, names)
+        "space": data.space.kind, "space_name": data.space.name, "mask": data.space.mask_source,
+        "n_voxels": data.space.n_voxels, "n_fitted": int(valid.sum()), "n_left_out": int((~valid).sum()),
+        "cleaning": _cleaning(data.settings, data.confounds, m.confounds), "high_pass_hz": data.settings.high_pass,
+        "test_stories": data.test_stories, "n_test_repeats": 0 if data.outer else int(len(resp.test_repeats)),
+        "n_test_volumes": 0 if data.outer else int(len(resp.test)), "n_train_volumes": int(len(resp.train)),
+        "scoring": _scoring(data.outer, resp, len(data.folds), how.gap, data.tr),
+        "layer_selection": _layer_selection(data.outer),
+        "null": _null_description(data.outer, m.null_draws),
+        "noise_ceiling": data.ceiling_info, "cv_score": how.score,
+        "alpha_selection": _alpha_selection(m, data.outer, data.folds, how.score, how.alphas, how.gap),
+        "precision": how.dtype, "train_stories": resp.story_names, "preset": m.preset,
+        "delays_trs": data.settings.delay_trs(data.tr), "tr": data.tr, "notes": resp.notes}
+    if m.preset == "reference" and experiment.runs[0].bold.kind != "hdf5" and not data.settings.high_pass:
+        info["notes"] = [*resp.notes, "the reference preset ran on responses other than ds003020's preprocessed "
+                                      "files without filtering: slow drift is fitted and scored too"]
+    return info
+
+
+def _layer_selection(outer: bool) -> str:
+    if outer:
+        return ("nested: inside each outer fold, the layer with the highest mean inner cross-validated score over "
+                "fitted voxels, from that fold's training rows only; each held-out block is predicted by its own "
+                "fold's layer, and the model's score is that of these predictions")
+    return ("the layer with the highest mean cross-validated score over fitted voxels on the training stories; "
+            "the test story plays no part")
+
+
+def _null_description(outer: bool, n_draws: int) -> str:
+    if not n_draws:
+        return "off"
+    if outer:
+        return (f"{n_draws} draws of the whole nested procedure (every layer, alphas and layer chosen again) on the "
+                "stimulus rotated in time within each story by 20-80% of its length, the design rebuilt from it as "
+                "from the real stimulus")
+    return (f"{n_draws} refits of the chosen layer on its features circularly shifted in time within each story by "
+            "20-80% of it, scored on the test story")
 
 
 def _is_baseline(kind: str) -> bool:
     """A feature kind that is a low-level baseline (word rate, envelope, ...), not a model."""
     return kind == "lowlevel"
-
-
-def _shuffled_null(name, chosen, x_train, x_test, y_train, y_test, groups, folds, alphas, outer, gap, ridge: dict,
-                   cfg):
-    """The chosen layer refitted on features circularly shifted per story: what a misaligned stimulus scores."""
-    m = cfg.models
-    seed = cfg.execution.random_seed
-    if outer:
-        def refit(xs, _):
-            return evaluate_layer_outer(chosen.layer, xs, y_train, groups, folds, alphas, n_inner=m.n_folds,
-                                        seed=seed, gap=gap, **ridge).test_r
-    else:
-        def refit(xs, xt):
-            return fit_and_score(xs, y_train, xt, y_test, folds, alphas, **ridge)["test_r"]
-    t0 = time.perf_counter()
-    null = shuffled_null(refit, x_train, groups, None if outer else x_test, chosen.test_r, n_draws=m.null_draws,
-                         seed=seed)
-    real = float(chosen.test_r.mean())
-    log.info("%s layer %d, misaligned-stimulus null (%d draws, features circularly shifted per story): mean r "
-             "%.3f (real %.3f); %.0f%% of voxels above the null's 95th percentile r %.3f (%.0f s)",
-             name, chosen.layer, m.null_draws, null.mean_r, real,
-             100 * null.fraction_above, null.threshold, time.perf_counter() - t0)
-    if not null.clearly_above:
-        log.warning("%s layer %d scores are not clearly above a misaligned stimulus (mean r %.3f against %.3f with "
-                    "the features shifted in time; %.0f%% of voxels above the null's 95th percentile, 5%% expected "
-                    "by chance): do not read its maps as stimulus-driven", name, chosen.layer, real, null.mean_r,
-                    100 * null.fraction_above)
-    return null
 
 
 def _intersubject_ceiling(experiment, peers, resp, space, settings, m):
@@ -551,14 +765,6 @@ def _layer_features(fs, stories, layer: int) -> dict:
         stored = fs.load(sid)
         out[sid] = (stored.times, np.asarray(stored.layers[layer], dtype=np.float32))
     return out
-
-
-def _held_out(y, folds):
-    """Rows in the order an outer loop predicts them (its held-out folds, sorted)."""
-    scored = np.zeros(len(y), dtype=bool)
-    for _, test in folds:
-        scored[test] = True
-    return y[scored]
 
 
 def _banded(names, x_train, y_train, x_test, y_test, folds, alphas, device, seed) -> BandedResult:

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from .models.banded import BandedResult
+from .models.ceiling import cc_norm
 from .models.encoding import LAYER_STATS, StackedResult  # LAYER_STATS: order along ModelResult.stats' last axis
 
 
@@ -36,13 +37,46 @@ class ModelResult:
     layers: np.ndarray           # [L] layer indices (0 = embeddings)
     stats: np.ndarray            # [L, V_fitted, len(LAYER_STATS)] float32
     best_layer: int              # chosen by cross-validated training score, never by test score
-    pvalue: np.ndarray           # [V_fitted] at the best layer
+    pvalue: np.ndarray           # [V_fitted] of the model's held-out score (score_r)
     fdr: np.ndarray              # [V_fitted] bool, Benjamini-Hochberg discoveries
     #: Ridge weights of the best layer, [n_features x n_delays, V_fitted], only with --save-weights.
     weights: np.ndarray | None = None
     #: Test r of the best layer refitted on misaligned features (circularly shifted per story),
     #: [n_draws, V_fitted]; None when the null was not run.
     null_r: np.ndarray | None = None
+    #: Without a test story, the model's held-out scores: every outer fold's block predicted by the
+    #: layer that fold chose from its own training rows (nested); None with a test story, where the
+    #: best layer's test scores are the model's.
+    model_r: np.ndarray | None = None
+    model_r2: np.ndarray | None = None
+    #: The layer each outer fold chose (nested selection); None with a test story.
+    fold_layers: np.ndarray | None = None
+    #: How the layer was chosen: ``method`` ("training-cv" or "nested"), ``layer``, and for nested
+    #: selection ``fold_layers`` and ``share`` (of folds choosing ``layer``), with a description.
+    selection: dict = field(default_factory=dict)
+    #: How ``pvalue`` was computed (for the sidecars).
+    pvalue_method: str = "circular shifts of the prediction against the response"
+
+    @property
+    def score_r(self) -> np.ndarray:
+        """The model's held-out r per voxel: nested without a test story, else the best layer's test r."""
+        return self.model_r if self.model_r is not None else self.stat("r")
+
+    @property
+    def score_r2(self) -> np.ndarray:
+        return self.model_r2 if self.model_r2 is not None else self.stat("r2")
+
+    @property
+    def nested(self) -> bool:
+        return self.model_r is not None
+
+    def score(self, name: str, ceiling: np.ndarray | None = None) -> np.ndarray:
+        """The model's held-out ``r``, ``r2`` or ``cc_norm`` (against ``ceiling``) per fitted voxel."""
+        if not self.nested:
+            return self.stat(name)
+        if name == "cc_norm":
+            return cc_norm(self.model_r, ceiling) if ceiling is not None else np.full_like(self.model_r, np.nan)
+        return {"r": self.model_r, "r2": self.model_r2}[name]
 
     def stat(self, name: str, layer: int | None = None) -> np.ndarray:
         """One statistic at ``layer`` (default: the best layer), over the fitted voxels."""

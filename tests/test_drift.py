@@ -55,7 +55,8 @@ def test_default_recovers_the_effect_and_beats_its_null(drift_runs):
     assert model.null_r.shape == (5, result.valid.sum())
     assert r.mean() > model.null_r.mean(1).max() + 0.05
     assert (r > np.quantile(model.null_r, 0.95)).mean() > 0.3
-    assert model.fdr.mean() > 0.2
+    assert model.fdr.mean() > 0.1  # p-values against the pooled null of 5 draws: calibrated, less powerful
+    assert model.selection["method"] == "nested" and "misaligned-stimulus null" in model.pvalue_method
     assert "not clearly above a misaligned stimulus" not in log
     assert "cosine high-pass at 0.007812 Hz (128 s)" in result.responses["cleaning"]
     assert result.responses["high_pass_hz"] == pytest.approx(1 / 128)
@@ -77,9 +78,13 @@ def test_misaligned_stimulus_scores_near_zero_with_calibrated_p_values(drift_run
     assert (model.stat("r") > np.quantile(model.null_r, 0.95)).mean() < 0.15  # the null holds its level
     assert "not clearly above a misaligned stimulus" in log
     assert "fall after the run's last volume" in log  # the onset moved the story's end past the scan
-    # the same data unfiltered: the p-values are anti-conservative (what the default guards against)
-    unfiltered = drift_runs["misaligned-unfiltered"][0].models[0]
-    assert unfiltered.fdr.sum() >= 20 and (unfiltered.pvalue < 0.05).mean() > (model.pvalue < 0.05).mean()
+    # the same data unfiltered: drift scores, and the null (the stimulus rotated, the design rebuilt) shows it,
+    # so nothing is declared significant either
+    unfiltered, unfiltered_log = drift_runs["misaligned-unfiltered"][:2]
+    unfiltered = unfiltered.models[0]
+    assert np.quantile(unfiltered.null_r, 0.95) > 3 * np.quantile(model.null_r, 0.95)
+    assert unfiltered.fdr.sum() <= 0.01 * len(unfiltered.fdr)
+    assert "not clearly above a misaligned stimulus" in unfiltered_log
 
 
 def _single_story(n_vol=360, tr=2.0):

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .._arrays import CONSTANT_RTOL, constant_columns
 from ..bids.experiment import Run
 from ..errors import DataError
 
@@ -143,6 +144,29 @@ def run_features(run: Run, story_features: dict, settings: AlignSettings) -> np.
     return total
 
 
+def misalign(story_features: dict, lags: dict, durations: dict) -> dict:
+    """The stimulus rotated in time: each story's feature times ``lags[sid]`` seconds later, wrapping at its end.
+
+    What the features of a recording of the story started at another point and played
+    round would be: word rate and every feature's own temporal structure are kept, the
+    alignment with the responses is not. The design is then built from it exactly as
+    from the real stimulus (Lanczos, delays, filter, trims), so a misaligned stimulus is
+    compared with the real one on equal terms; rotating the rows of a filtered design
+    instead adds a step where its end meets its start.
+    """
+    out = {}
+    for sid, (times, values) in story_features.items():
+        out[sid] = ((np.asarray(times, dtype=np.float64) + lags[sid]) % durations[sid], values)
+    return out
+
+
+def misalignment_lags(durations: dict, n_draws: int, seed: int = 0, min_fraction: float = 0.2) -> list[dict]:
+    """Per null draw, a lag per story between ``min_fraction`` and ``1 - min_fraction`` of its duration."""
+    rng = np.random.default_rng([seed, 7919])
+    return [{sid: float(rng.uniform(min_fraction, 1 - min_fraction) * d) for sid, d in sorted(durations.items())}
+            for _ in range(n_draws)]
+
+
 def delay(x: np.ndarray, delays: list[int], *, circular: bool = False) -> np.ndarray:
     """FIR copies ``x[t - d]`` side by side, one block of columns per delay ``d`` (in rows, e.g. TRs).
 
@@ -184,18 +208,6 @@ def kept_rows(run: Run, settings: AlignSettings, test: bool) -> np.ndarray:
     if not keep.any():
         raise DataError(f"{run.name}: trimming {start} and {end} TRs leaves no volume of its {run.n_volumes}")
     return np.flatnonzero(keep)
-
-
-#: A column whose standard deviation is at most this fraction of its root mean square is constant:
-#: its spread is rounding (100 copies of 4.2 have a computed standard deviation of 8e-15).
-CONSTANT_RTOL = 1e-12
-
-
-def constant_columns(x: np.ndarray) -> np.ndarray:
-    """True for columns of ``x`` that are constant up to rounding (computed in float64)."""
-    x = np.asarray(x, dtype=np.float64)
-    sd = x.std(0)
-    return ~(sd > CONSTANT_RTOL * np.sqrt((x * x).mean(0)))
 
 
 def zscore(x: np.ndarray) -> np.ndarray:
@@ -247,5 +259,5 @@ def delay_concatenated(blocks: list[np.ndarray], settings: AlignSettings, tr: fl
     return delay(np.vstack(blocks), settings.delay_trs(tr))
 
 
-__all__ = ["CONSTANT_RTOL", "AlignSettings", "constant_columns", "delay", "delay_concatenated", "kept_rows", "lanczos_kernel", "lanczos_resample",
+__all__ = ["CONSTANT_RTOL", "AlignSettings", "constant_columns", "delay", "delay_concatenated", "kept_rows", "lanczos_kernel", "lanczos_resample", "misalign", "misalignment_lags",
            "run_design", "run_features", "temporal_filter", "volume_times", "zscore"]

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .._arrays import usable_columns
 from ..bids.experiment import Run
 from ..errors import DataError
-from . import AlignSettings, constant_columns, delay_concatenated, kept_rows, run_design, temporal_filter, zscore
+from . import AlignSettings, delay_concatenated, kept_rows, run_design, temporal_filter, zscore
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ def split_responses(runs: list[Run], responses: Iterable[np.ndarray], test_stori
         else:
             notes.append(f"{run.name} presents the test story with other timing than {reference.name}; "
                          "left out of the repeat average")
-            usable = _usable_columns(y)
+            usable = usable_columns(y)
         del y  # the next run is read while this name would still hold this one
         if not usable.any():
             empty.append(run.name)
@@ -137,14 +138,9 @@ def _clean_into(out: np.ndarray, y: np.ndarray, rows: np.ndarray, run: Run, sett
     step = max(1, CLEAN_CHUNK_ELEMENTS // max(1, len(y)))
     for a in range(0, y.shape[1], step):
         chunk = y[:, a:a + step]
-        usable[a:a + step] = _usable_columns(chunk)
+        usable[a:a + step] = usable_columns(chunk)
         out[:, a:a + step] = clean_run(chunk, run, settings, confounds)[rows]
     return usable
-
-
-def _usable_columns(y: np.ndarray) -> np.ndarray:
-    finite = np.isfinite(y).all(0)
-    return finite & ~constant_columns(np.where(finite, y, 0.0))
 
 
 def keep_columns(a: np.ndarray, keep: np.ndarray) -> np.ndarray:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._arrays import usable_columns
 from ..errors import DataError, MissingInputError
 from .experiment import Run
 
@@ -149,9 +150,9 @@ MIN_EPI_MASK_VOXELS = 1000
 
 
 def _varying(img, path: Path) -> np.ndarray:
-    """Voxels whose time series is finite and not constant."""
+    """Voxels whose time series is finite and not constant (up to rounding, as the fit will judge them)."""
     data = _image_data(img, path, np.float64)
-    return np.isfinite(data).all(-1) & (np.ptp(np.nan_to_num(data), axis=-1) > 0)
+    return usable_columns(data.reshape(-1, data.shape[-1]).T).reshape(data.shape[:-1])
 
 
 def _read_nifti(runs: list[Run], mask_path: Path | None) -> tuple[Space, Iterator[np.ndarray]]:

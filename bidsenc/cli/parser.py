@@ -124,10 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "none turns it off (default: 1/128 Hz for raw and fMRIPrep inputs; none for ds003020's "
                    "cleaned files and under --preset reference)")
     g.add_argument("--n-permutations", type=int, metavar="N",
-                   help="circular shifts for the per-voxel p-values (default: 1000)")
+                   help="circular shifts of the prediction for the per-voxel p-values with a test story "
+                   "(default: 1000; every allowed shift once when there are fewer)")
     g.add_argument("--null-draws", type=int, metavar="N",
-                   help="refit each model's best layer N times on features circularly shifted per story (a "
-                   "misaligned stimulus) and report its scores beside the real ones; 0 turns it off (default: 5)")
+                   help="refit each model N times on a misaligned stimulus (each story rotated in time) and report "
+                   "its scores beside the real ones; without a test story each draw repeats the whole nested "
+                   "procedure and gives the p-values; 0 turns it off (default: 5)")
     g.add_argument("--data-scaling-seeds", type=int, metavar="N",
                    help="random subsets of 1, 2, 4, ... training stories per size for the data-scaling "
                    "curve; 0 turns it off (default: 3)")

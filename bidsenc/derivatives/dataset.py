@@ -138,9 +138,14 @@ trimmed at the start and end of each run and z-scored. Responses were cleaned pe
 voxel, chosen by leave-stories-out cross-validation on the training stories, was fitted for
 every layer; each model's layer was chosen by its cross-validated training score. Models were
 scored by the Pearson correlation between predicted and measured responses on held-out test
-stories averaged over repeats, and normalised by the noise ceiling CC_max (Schoppe et al. 2016).
-Voxelwise p-values came from circular shifts of the prediction against the test response and
-were corrected by the Benjamini-Hochberg false discovery rate. Feature spaces were combined by
+stories averaged over repeats, and normalised by the noise ceiling CC_max (Schoppe et al. 2016);
+without a repeated test story, by an outer cross-validation over stories (or buffered blocks of
+one story) in which each outer fold chose the regularisation and the layer from its own training
+data (nested). Each model was refitted on a misaligned stimulus (each story rotated in time by
+20-80% of its length), repeating the whole procedure. Voxelwise p-values came from circular
+shifts of the prediction against the test response, or, without a test story, from the
+misaligned-stimulus null pooled over voxels, and were corrected by the Benjamini-Hochberg false
+discovery rate. Feature spaces were combined by
 stacked regression with convex per-voxel weights (Lin et al. 2024). The exact settings of this
 run are in its config.toml.
 

@@ -15,7 +15,10 @@ Array files (``*_encoding.npz``, read with ``np.load(allow_pickle=False)``):
 ``desc-<model>_encoding.npz``
     ``stats[layer, voxel, stat]`` (float32) over the fitted voxels, ``stat_names``
     (r, r2, cc_norm, alpha, cv_score), ``layers``, ``best_layer``, ``pvalue`` and
-    ``fdr`` (at the best layer), ``model`` (the feature model's record, JSON), and with
+    ``fdr`` (of the model's held-out score), ``model`` (the feature model's record, JSON),
+    ``selection`` (how the layer was chosen, JSON), ``null_r[draw, voxel]`` (the
+    misaligned-stimulus null); without a test story also ``model_r``, ``model_r2`` (the
+    nested held-out scores) and ``fold_layers`` (the layer each outer fold chose); and with
     ``--save-weights`` the best layer's ridge ``weights[feature x delay, voxel]``
     (features vary fastest within each delay block, delays in ``delays_trs`` order).
 ``desc-responses_encoding.npz``
@@ -49,6 +52,7 @@ import pandas as pd
 from .. import __version__
 from .._io import atomic_write_bytes, atomic_write_text
 from ..bids.bold import Space
+from ..models.ceiling import cc_norm
 from ..results import LAYER_STATS, BandedResult, ModelResult, ParticipantResult, StackedResult
 from .naming import STAT_LABELS, bids_label, model_labels, participant_prefix, with_hemi
 
@@ -68,7 +72,21 @@ _SUMMARY_COLUMNS = {
     "mean_r_ceiling": "mean test r over voxels whose noise ceiling is at least the ceiling threshold",
     "fraction_of_ceiling": "median of r / CC_max over voxels whose noise ceiling is at least the threshold",
     "cv_score": "mean cross-validated training score (used to choose the best layer)",
-    "best": "the layer chosen by cross-validated training score",
+    "best": "the model's row: the layer chosen by cross-validated training score with a test story; without "
+            "one, the layer most outer folds chose",
+    "selection": "training-cv (the layer chosen on the training stories, scored on the test story) or nested "
+                 "(without a test story: the layer chosen inside each outer fold from its training rows)",
+    "fold_layers": "the layer each outer fold chose (nested), or the chosen layer",
+    "model_mean_r": "the model's held-out mean r over fitted voxels: the chosen layer's test r, or the nested "
+                    "outer cross-validated r (each held-out block predicted by the layer its own fold chose)",
+    "model_median_r": "median over fitted voxels of the model's held-out r",
+    "model_mean_r2": "mean over fitted voxels of the model's held-out R^2",
+    "model_mean_r_ceiling": "the model's mean r over voxels whose noise ceiling is at least the threshold",
+    "model_fraction_of_ceiling": "median of the model's r / ceiling over voxels whose ceiling is at least the "
+                                 "threshold",
+    "null_mean_r": "mean r of the misaligned-stimulus null (the same procedure on a stimulus shifted in time)",
+    "null_r95": "95th percentile of the null r over voxels and draws",
+    "fraction_above_null": "share of voxels whose model r exceeds null_r95 (about 0.05 by chance)",
 }
 
 
@@ -221,28 +239,42 @@ def _write_all(w: _Writer, result: ParticipantResult, cfg) -> None:
     extra = cfg.outputs.map_layers
     for model in result.models:
         desc = w.labels[model.name]
-        weights = {} if model.weights is None else {"weights": model.weights}
+        extra_arrays = {} if model.weights is None else {"weights": model.weights}
         if model.null_r is not None:
-            weights["null_r"] = model.null_r
+            extra_arrays["null_r"] = model.null_r
+        if model.nested:
+            extra_arrays.update(model_r=model.model_r, model_r2=model.model_r2, fold_layers=model.fold_layers)
         w.array(desc, stats=model.stats, stat_names=np.array(LAYER_STATS), layers=model.layers,
                 best_layer=np.array(model.best_layer), pvalue=model.pvalue, fdr=model.fdr,
-                model=np.array(json.dumps(model.description)), name=np.array(model.name), **weights)
+                model=np.array(json.dumps(model.description)), name=np.array(model.name),
+                selection=np.array(json.dumps(model.selection)), pvalue_method=np.array(model.pvalue_method),
+                **extra_arrays)
+        significance = {"Method": model.pvalue_method}
+        if "circular" in model.pvalue_method:
+            significance["Permutations"] = cfg.models.n_permutations
+        else:
+            significance["NullDraws"] = int(len(model.null_r))
         for layer in _map_layers(extra, model):
             best = layer == model.best_layer
             meta = {"Model": model.description, "Layer": int(layer), "BestLayer": best,
-                    "LayerSelection": "highest mean cross-validated training score over fitted voxels",
+                    "LayerSelection": _layer_selection_text(model, best),
                     "AlphaSelection": result.responses.get("alpha_selection")}
             for stat, key in (("r", "r"), ("r2", "r2"), ("ccnorm", "cc_norm"), ("alpha", "alpha"),
                               ("cvscore", "cv_score")):
                 if key == "cc_norm" and ceiling is None:
                     continue
                 w.map(f"{desc}Layer{layer}", stat, model.stat(key, layer), meta)
-            if best:
-                logp = -np.log10(np.clip(model.pvalue, 1e-300, 1.0))
-                w.map(f"{desc}Layer{layer}", "logp", logp, {**meta, "Permutations": cfg.models.n_permutations,
-                                                             "Method": "circular shift of the prediction"})
-                w.map(f"{desc}Layer{layer}", "fdr", model.fdr.astype(np.float32),
-                      {**meta, "Q": cfg.models.fdr_q, "Method": "Benjamini-Hochberg"})
+            if best and not model.nested:
+                _significance_maps(w, f"{desc}Layer{layer}", model, {**meta, **significance}, cfg)
+        if model.nested:  # the model's own held-out scores, each outer fold with the layer it chose
+            meta = {"Model": model.description, "Layer": "nested", "FoldLayers": model.selection["fold_layers"],
+                    "LayerSelection": model.selection["description"],
+                    "AlphaSelection": result.responses.get("alpha_selection")}
+            w.map(desc, "r", model.model_r, meta)
+            w.map(desc, "r2", model.model_r2, meta)
+            if ceiling is not None:
+                w.map(desc, "ccnorm", cc_norm(model.model_r, ceiling), meta)
+            _significance_maps(w, desc, model, {**meta, **significance}, cfg)
     if result.stacked is not None:
         s = result.stacked
         w.array("stacked", names=np.array(s.names), weights=s.weights, r=s.r, r2=s.r2)
@@ -265,6 +297,24 @@ def _write_all(w: _Writer, result: ParticipantResult, cfg) -> None:
     w.table("models", result.summary)
     if not result.data_scaling.empty:
         w.table("datascaling", result.data_scaling)
+
+
+def _significance_maps(w, desc: str, model: ModelResult, meta: dict, cfg) -> None:
+    logp = -np.log10(np.clip(model.pvalue, 1e-300, 1.0))
+    w.map(desc, "logp", logp, meta)
+    w.map(desc, "fdr", model.fdr.astype(np.float32), {**meta, "Q": cfg.models.fdr_q, "Method": "Benjamini-Hochberg"})
+
+
+def _layer_selection_text(model: ModelResult, best: bool) -> str:
+    if not model.nested:
+        return "highest mean cross-validated training score over fitted voxels"
+    folds = model.selection["fold_layers"]
+    text = (f"layers are chosen inside each outer fold (nested); {sum(v == model.best_layer for v in folds)} of "
+            f"{len(folds)} folds chose layer {model.best_layer}")
+    if best:
+        text += ("; this map is that layer's own outer cross-validated score, the model's held-out score is the "
+                 "map without a layer")
+    return text
 
 
 def _map_layers(spec: str, model: ModelResult) -> list[int]:
@@ -441,7 +491,10 @@ def _read(func: Path, marker_path: Path, label: str, version: str | None) -> Par
     for name, desc in marker["Models"].items():
         a = _load(func / f"{prefix}_desc-{desc}_encoding.npz")
         models.append(ModelResult(name, json.loads(str(a["model"])), a["layers"], a["stats"],
-                                  int(a["best_layer"]), a["pvalue"], a["fdr"], a.get("weights"), a.get("null_r")))
+                                  int(a["best_layer"]), a["pvalue"], a["fdr"], a.get("weights"), a.get("null_r"),
+                                  a.get("model_r"), a.get("model_r2"), a.get("fold_layers"),
+                                  json.loads(str(a["selection"])) if "selection" in a else {},
+                                  str(a["pvalue_method"]) if "pvalue_method" in a else ModelResult.pvalue_method))
     stacked = None
     if (func / f"{prefix}_desc-stacked_encoding.npz").is_file():
         a = _load(func / f"{prefix}_desc-stacked_encoding.npz")

@@ -13,8 +13,10 @@ Noise ceilings (:mod:`bidsenc.models.ceiling`)
     :func:`cc_max`, :func:`cc_norm`, :func:`explainable_variance`, :func:`intersubject_ceiling`
 Stacking (:mod:`bidsenc.models.stacking`)
     :func:`stack_weights`, :func:`stacked_prediction`, :func:`solve_simplex_qp`
+Held-out scores without a test story (:mod:`bidsenc.models.nested`)
+    :func:`nested_outer_cv` (layers chosen inside each outer fold, with a null that repeats it)
 Statistics (:mod:`bidsenc.models.stats`)
-    :func:`permutation_pvalues`, :func:`fdr_bh`
+    :func:`permutation_pvalues`, :func:`pooled_null_pvalues`, :func:`fdr_bh`
 
 Delays, Lanczos resampling and z-scoring live one step upstream, in :mod:`bidsenc.align`.
 
@@ -46,12 +48,13 @@ from .ridge import (
     ridge_predict,
     ridge_weights,
 )
+from .nested import NestedFit, nested_outer_cv
 from .stacking import solve_simplex_qp, stack_weights, stacked_prediction
-from .stats import fdr_bh, permutation_pvalues
+from .stats import fdr_bh, permutation_pvalues, pooled_null_pvalues
 
 __all__ = [
-    "DEFAULT_ALPHAS", "REFERENCE_ALPHAS", "RidgeCVResult", "alpha_to_reference", "bootstrap_chunks", "cc_max",
+    "DEFAULT_ALPHAS", "REFERENCE_ALPHAS", "NestedFit", "RidgeCVResult", "alpha_to_reference", "bootstrap_chunks", "cc_max",
     "cc_norm", "contiguous_blocks", "explainable_variance", "fdr_bh", "fit_and_score", "intersubject_ceiling",
-    "leave_stories_out", "pearson_r", "permutation_pvalues", "r2_score", "reference_to_alpha", "ridge_cv",
+    "leave_stories_out", "nested_outer_cv", "pearson_r", "permutation_pvalues", "pooled_null_pvalues", "r2_score", "reference_to_alpha", "ridge_cv",
     "ridge_predict", "ridge_weights", "solve_simplex_qp", "stack_weights", "stacked_prediction",
 ]

@@ -2,7 +2,8 @@
 
 Arrays in, arrays out. :func:`evaluate_layer` fits one feature space's layer;
 :func:`select_best_layer` picks a layer by cross-validated training score
-(never by test score); :func:`stack_spaces` combines spaces' best layers.
+(never by test score); :func:`stack_spaces` combines spaces' best layers. Without a test
+story, :mod:`bidsenc.models.nested` chooses the layer inside each outer fold.
 """
 
 from __future__ import annotations
@@ -54,31 +55,19 @@ def evaluate_layer(layer: int, x_train, y_train, x_test, y_test, folds, alphas, 
 
 def evaluate_layer_outer(layer: int, x, y, groups, outer_folds, alphas, *, n_inner: int = 5, seed: int = 0,
                          gap: int = 5, score="r2", device="cpu", mem_gb=None, dtype="float32") -> LayerFit:
-    """Scores without a test story: an outer leave-stories-out loop around the cross-validated ridge.
+    """Scores of one layer without a test story: an outer leave-stories-out loop around the cross-validated ridge.
 
     Each outer fold's held-out stories are predicted by a model whose alphas were chosen
     on the other stories only (inner leave-stories-out, ``gap`` rows left out around
     contiguous blocks when a single story remains); r and R^2 are computed on all
     held-out rows together. The returned alpha is the geometric mean over outer folds.
+    A model with several layers is :func:`bidsenc.models.nested.nested_outer_cv`.
     """
-    from .cv import leave_stories_out
+    from .nested import nested_outer_cv
 
-    pred = np.zeros(y.shape, dtype=np.float32)
-    scored = np.zeros(len(y), dtype=bool)
-    log_alphas, cv_scores, valid = [], [], np.ones(y.shape[1], dtype=bool)
-    for train, test in outer_folds:
-        inner = leave_stories_out(groups[train], n_inner, seed, gap)
-        out = fit_and_score(x[train], y[train], x[test], y[test], inner, alphas, score=score, return_predictions=True,
-                            device=device, mem_gb=mem_gb, dtype=dtype)
-        pred[test] = out["predictions"]
-        scored[test] = True
-        log_alphas.append(np.log(out["alphas"]))
-        cv_scores.append(out["cv_score"])
-        valid &= out["valid"]
-    held_pred, held_y = pred[scored], y[scored]
-    r = np.where(valid, np.nan_to_num(pearson_r(held_pred, held_y)), 0.0)
-    r2 = np.where(valid, np.nan_to_num(r2_score(held_y, held_pred)), 0.0)
-    return LayerFit(layer, r, r2, np.exp(np.mean(log_alphas, 0)), np.mean(cv_scores, 0), held_pred, valid)
+    fit = nested_outer_cv([(layer, x)], y, groups, outer_folds, alphas, n_inner=n_inner, seed=seed, gap=gap,
+                          score=score, device=device, mem_gb=mem_gb, dtype=dtype)
+    return LayerFit(layer, fit.r, fit.r2, fit.layer_alphas[0], fit.layer_cv_score[0], fit.predictions, fit.valid)
 
 
 def select_best_layer(fits: list[LayerFit]) -> LayerFit:

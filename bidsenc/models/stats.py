@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["permutation_pvalues", "fdr_bh"]
+__all__ = ["circular_shift_sd", "fdr_bh", "permutation_pvalues", "pooled_null_pvalues"]
 
 # Bound on the float64 elements of one working array (2**23 elements = 64 MiB).
 _CHUNK_ELEMENTS = 2**23
@@ -71,11 +71,19 @@ def _count_block(zp, zr, r_obs, n_permutations, block_length, rng) -> np.ndarray
 
 
 def _circular_offsets(n_times, n_permutations, block_length, rng) -> np.ndarray:
-    """Random circular shifts ``k`` with ``block_length <= k <= n_times - block_length``."""
+    """Circular shifts ``k`` with ``block_length <= k <= n_times - block_length``.
+
+    Every allowed shift once when there are at most ``n_permutations`` of them (an exact
+    test: drawing a few distinct shifts with replacement would give p-values as small as
+    ``1 / (1 + n_permutations)`` far more often than that); else a random draw of them without replacement.
+    """
     if n_times < 2 * block_length:
         raise ValueError(f"method='circular' needs at least 2*block_length={2 * block_length} time points, "
                          f"got {n_times}")
-    return rng.integers(block_length, n_times - block_length + 1, size=n_permutations)
+    allowed = np.arange(block_length, n_times - block_length + 1)
+    if len(allowed) <= n_permutations:
+        return allowed
+    return rng.choice(allowed, size=n_permutations, replace=False)
 
 
 def _count_circular(zp, zr, r_obs, offsets) -> np.ndarray:
@@ -121,8 +129,9 @@ def permutation_pvalues(prediction, response, n_permutations: int = 1000, block_
         when the autocorrelation is long compared with the blocks).
         ``"circular"``: shift the prediction circularly by a random offset.  Keeps the whole
         autocorrelation function (exact for stationary series) but has only
-        ``T - 2*block_length + 1`` distinct draws, and the wrap-around joins the end of the run
-        to its start (a step where there is drift).
+        ``T - 2*block_length + 1`` distinct draws (when they are no more than
+        ``n_permutations``, each is used once and p is at least ``1 / (T - 2*block_length + 2)``),
+        and the wrap-around joins the end of the run to its start (a step where there is drift).
     rng : None, int or numpy.random.Generator, optional
         Seed or generator for the draws (``numpy.random.default_rng(rng)``).
     return_degenerate : bool, optional
@@ -174,7 +183,8 @@ def permutation_pvalues(prediction, response, n_permutations: int = 1000, block_
         else:
             counts[sl] = _count_circular(zp, zr, r_obs, offsets)
         degenerate[sl] = bad_p | bad_r
-    pvalues = (1.0 + counts) / (1.0 + n_permutations)
+    n_draws = n_permutations if offsets is None else len(offsets)
+    pvalues = (1.0 + counts) / (1.0 + n_draws)
     pvalues[degenerate] = 1.0
     return (pvalues, degenerate) if return_degenerate else pvalues
 
@@ -235,3 +245,43 @@ def fdr_bh(pvalues, q: float = 0.05, return_qvalues: bool = False):
     threshold = sorted_p[below[-1]] if below.size else -1.0
     discoveries = (flat <= threshold).reshape(p.shape)
     return (discoveries, qvalues.reshape(p.shape)) if return_qvalues else discoveries
+
+
+def pooled_null_pvalues(real_r, null_r) -> np.ndarray:
+    """One-sided p-values of each voxel's r against a null pooled over voxels and draws.
+
+    ``p_v = (1 + #{null_r >= real_r[v]}) / (1 + null_r.size)``, with ``null_r`` the scores of
+    the same procedure on misaligned stimuli (``[n_draws, V]``). Valid when, under the null,
+    a voxel's real score is exchangeable with the null draws pooled over voxels: then the
+    share of p < alpha over voxels is alpha, whatever each voxel's autocorrelation; a single
+    voxel's p-value is exact only if voxels share one null distribution.
+    """
+    real_r = np.asarray(real_r, dtype=np.float64)
+    pool = np.sort(np.asarray(null_r, dtype=np.float64).ravel())
+    above = pool.size - np.searchsorted(pool, real_r, side="left")
+    return (1.0 + above) / (1.0 + pool.size)
+
+
+def circular_shift_sd(prediction, response, block_length: int = 10) -> np.ndarray:
+    """Per voxel, the spread of r over circular shifts of the prediction: r's scale under no alignment.
+
+    The standard deviation, over every shift ``k`` with ``block_length <= k <= T - block_length``,
+    of the correlation of the prediction shifted by ``k`` with the response. It grows with the
+    autocorrelation of both series (few independent samples), so ``r / circular_shift_sd``
+    puts voxels of slow and fast responses on one scale before they are pooled against a
+    null. 0 where a series is constant.
+    """
+    prediction = np.asarray(prediction)
+    response = np.asarray(response)
+    n_times, n_vox = prediction.shape
+    lags = np.arange(block_length, n_times - block_length + 1)
+    out = np.zeros(n_vox)
+    step = max(1, _CHUNK_ELEMENTS // (6 * n_times))
+    for start in range(0, n_vox, step):
+        sl = slice(start, min(start + step, n_vox))
+        zp, bad_p = _zscore_columns(np.asarray(prediction[:, sl], dtype=np.float64))
+        zr, bad_r = _zscore_columns(np.asarray(response[:, sl], dtype=np.float64))
+        spectrum = np.conj(np.fft.rfft(zp, axis=0)) * np.fft.rfft(zr, axis=0)
+        c = np.fft.irfft(spectrum, n=n_times, axis=0)[lags] / n_times
+        out[sl] = np.where(bad_p | bad_r, 0.0, c.std(axis=0))
+    return out

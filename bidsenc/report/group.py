@@ -152,7 +152,7 @@ def group_tables(results, atlas: Atlas | None, threshold: float) -> dict[str, pd
     for r in results:
         regions = _regions(r, atlas)
         for m in r.models:
-            score, norm = m.stat("r"), m.stat("cc_norm")
+            score, norm = m.score("r"), m.score("cc_norm", r.cc_max)
             for name, inside in regions.items():
                 # ceiling-based scores only where the ceiling is high enough for r / ceiling to be stable
                 good = inside & (r.cc_max >= threshold) if r.cc_max is not None else np.zeros_like(inside)
@@ -212,15 +212,15 @@ def _against_baselines(results) -> pd.DataFrame:
         baselines = [m for m in r.models if m.description.get("kind") == "lowlevel"]
         if not baselines:
             continue
-        top = max(baselines, key=lambda m: float(m.stat("r").mean()))
+        top = max(baselines, key=lambda m: float(m.score_r.mean()))
         for m in r.models:
             if m.description.get("kind") == "lowlevel":
                 continue
             rows.append({"participant": r.participant, "model": m.name, "family": m.family,
-                         "mean_r": float(m.stat("r").mean()), "best_baseline": top.name,
-                         "baseline_mean_r": float(top.stat("r").mean()),
-                         "gain": float(m.stat("r").mean() - top.stat("r").mean()),
-                         "fraction_voxels_above": float((m.stat("r") > top.stat("r")).mean())})
+                         "mean_r": float(m.score_r.mean()), "best_baseline": top.name,
+                         "baseline_mean_r": float(top.score_r.mean()),
+                         "gain": float(m.score_r.mean() - top.score_r.mean()),
+                         "fraction_voxels_above": float((m.score_r > top.score_r).mean())})
     return pd.DataFrame(rows)
 
 
@@ -262,7 +262,7 @@ def group_maps(results, group_dir: Path) -> tuple[dict, str]:
         for stat, key in (("r", "r"), ("ccnorm", "cc_norm")):
             if key == "cc_norm" and any(r.cc_max is None for r in results):
                 continue
-            pairs = [on_grid(r, r.model(model.name).stat(key)) for r in results]
+            pairs = [on_grid(r, r.model(model.name).score(key, r.cc_max)) for r in results]
             total, n = np.sum([p[0] for p in pairs], axis=0), np.sum([p[1] for p in pairs], axis=0)
             mean = np.where(n > 0, total / np.maximum(n, 1), 0.0).astype(np.float32)
             out[(model.name, stat)] = (space, mean)
@@ -314,16 +314,21 @@ def _sections(results, tables, maps, map_note, skipped, atlas, threshold) -> lis
                 .reset_index())
     overview["parameters"] = overview["parameters"].map(lambda v: f"{int(v):,}" if pd.notna(v) else "n/a")
     intro = [para(f"{len(results)} participants: {', '.join('sub-' + r.participant for r in results)}. "
-                  "Scores are each model's best layer (chosen per participant by cross-validated training score), "
-                  f"averaged over participants; 'ceiling' columns use voxels whose noise ceiling (CC_max from repeats, "
+                  "Scores are each model's held-out scores, averaged over participants: with a test story, the "
+                  "test scores of the layer chosen on the training stories; without one, nested outer "
+                  "cross-validation (each outer fold chooses the layer from its own training rows, so the score "
+                  "is held out; 'best_layer' lists the layers most folds chose); 'ceiling' columns use voxels whose noise ceiling (CC_max from repeats, "
                   f"else the inter-subject ceiling) is at least {threshold:g}."),
              table(overview)]
     intro += [f'<div class="warn">{esc(s)}</div>' for s in skipped]
     if "null_mean_r" in best:
-        null = best.groupby("model", sort=False)[["mean_r", "null_mean_r", "fraction_above_null"]].mean().reset_index()
-        intro += [para("Against a misaligned stimulus: each best layer refitted on its features circularly shifted "
-                       "in time within each story (mean over participants). 'fraction_above_null' is the share of "
-                       "voxels whose real r beats the misaligned fits' 95th percentile: about 0.05 by chance."),
+        null = (best.rename(columns={"model_mean_r": "mean_r", "mean_r": "layer_mean_r"})
+                .groupby("model", sort=False)[["mean_r", "null_mean_r", "fraction_above_null"]].mean().reset_index())
+        intro += [para("Against a misaligned stimulus (mean over participants): the same procedure run on the "
+                       "stimulus shifted in time within each story (without a test story, the whole nested "
+                       "procedure, layer choice included; with one, the chosen layer refitted). "
+                       "'fraction_above_null' is the share of voxels whose real r beats the misaligned fits' 95th "
+                       "percentile: about 0.05 by chance."),
                   table(null.rename(columns={"null_mean_r": "misaligned_mean_r"}), "{:.3f}")]
         weak = null[null["mean_r"] <= null["null_mean_r"] + 0.01]
         intro += [f'<div class="warn">{esc(m)}: the real mean r is not clearly above the misaligned stimulus\'s; '
@@ -391,10 +396,11 @@ def _sections(results, tables, maps, map_note, skipped, atlas, threshold) -> lis
         if len(agg) > 1:
             curves[name] = (agg.index.to_numpy(), agg.to_numpy())
     if curves:
-        marks = {name: (float(g["relative_depth"].mean()), float(g["mean_r"].mean()))
+        marks = {name: (float(g["relative_depth"].mean()), float(g["model_mean_r"].mean()))
                  for name, g in best.groupby("model")}
         out.append(("layers", "Layers", figures(fig.lines(
-            curves, "test r by relative depth (mean over participants; star: mean best layer)", "relative depth",
+            curves, "test r by relative depth (mean over participants; star: the model's held-out score at the mean chosen "
+            "layer)", "relative depth",
             "mean test r", marks=marks))))
 
     if "datascaling" in tables:

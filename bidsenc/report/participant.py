@@ -86,11 +86,13 @@ def _result_sections(result) -> list[tuple[str, str, str]]:
     rows = []
     for m in result.models:
         d = m.description
-        r = m.stat("r")
+        r = m.score_r
+        folds = m.selection.get("fold_layers")
         rows.append({"model": m.name, "kind": d.get("kind"), "family": m.family,
                      "parameters": f"{d['n_parameters']:,}" if d.get("n_parameters") else "n/a",
                      "layers fitted": len(m.layers),
-                     "best layer": m.best_layer, f"mean {score}": float(r.mean()),
+                     "best layer": ", ".join(map(str, folds)) + " (per outer fold)" if folds else m.best_layer,
+                     f"mean {score}": float(r.mean()),
                      f"mean r (ceiling >= {threshold:g})": float(r[ceiling >= threshold].mean())
                      if ceiling is not None and (ceiling >= threshold).any() else np.nan,
                      "voxels FDR-significant": int(m.fdr.sum()),
@@ -98,19 +100,34 @@ def _result_sections(result) -> list[tuple[str, str, str]]:
                      "voxels above misaligned 95%": float((r > np.quantile(m.null_r, 0.95)).mean())
                      if m.null_r is not None else np.nan})
     models = pd.DataFrame(rows)
-    null_note = ("Misaligned: the best layer refitted on its features circularly shifted in time within each "
-                 "story (several draws), which keeps their own slow structure but breaks their alignment with "
-                 "the responses; a model that tracks the stimulus scores well above it (about 5% of voxels pass "
-                 "the misaligned 95th percentile by chance). ")
-    out.append(("models", "Models", para("Best layer: the highest mean cross-validated training score over "
-                                         "fitted voxels (never the test score). " + null_note) + table(models)))
+    nested = any(m.nested for m in result.models)
+    if nested:
+        choice = ("Without a test story the scores are nested: each outer fold chose the layer with the highest "
+                  "mean inner cross-validated score on its own training rows and predicted its held-out block "
+                  "with it, so the score is held out ('best layer' lists each fold's choice; the layer curves show "
+                  "each layer's own outer score). ")
+        null_note = ("Misaligned: the whole nested procedure (alphas and layers chosen again) run on the responses "
+                     "circularly shifted in time within each story (several draws), which keeps their slow "
+                     "structure but breaks their alignment with the stimulus; ")
+    else:
+        choice = "Best layer: the highest mean cross-validated training score over fitted voxels (never the test score). "
+        null_note = ("Misaligned: the best layer refitted on its features circularly shifted in time within each "
+                     "story (several draws), which keeps their own slow structure but breaks their alignment with "
+                     "the responses; ")
+    null_note += ("a model that tracks the stimulus scores well above it (about 5% of voxels pass the misaligned "
+                  "95th percentile by chance). ")
+    out.append(("models", "Models", para(choice + null_note) + table(models)))
 
-    maps = [fig.brain_map(space, result.full(m.stat("r")), f"{m.name}, layer {m.best_layer}: {score}")
-            for m in result.models]
-    top = max(result.models, key=lambda m: float(m.stat("r").mean())) if result.models else None
+    def _title(m):
+        if m.nested and len(m.layers) > 1:
+            return f"{m.name}, nested (folds chose layer {m.best_layer} most)"
+        return f"{m.name}, layer {m.best_layer}"
+
+    maps = [fig.brain_map(space, result.full(m.score_r), f"{_title(m)}: {score}") for m in result.models]
+    top = max(result.models, key=lambda m: float(m.score_r.mean())) if result.models else None
     if top is not None and ceiling is not None:
-        maps.append(fig.brain_map(space, result.full(top.stat("cc_norm")),
-                                  f"{top.name}, layer {top.best_layer}: CC_norm", vmax=1.0))
+        maps.append(fig.brain_map(space, result.full(top.score("cc_norm", ceiling)), f"{_title(top)}: CC_norm",
+                                  vmax=1.0))
     shown = [m for m in maps if m]
     if shown:
         out.append(("maps", "Maps", _figs(*shown)))
@@ -121,12 +138,13 @@ def _result_sections(result) -> list[tuple[str, str, str]]:
     depth = {m.name: relative_depth(m.layers, m.description) for m in result.models}
     curves = {m.name: (depth[m.name], m.stats[:, :, 0].mean(1)) for m in result.models if len(m.layers) > 1}
     cv = {m.name: (depth[m.name], m.stats[:, :, 4].mean(1)) for m in result.models if len(m.layers) > 1}
-    marks = {m.name: (float(relative_depth(m.best_layer, m.description)), float(m.stat("r").mean()))
+    marks = {m.name: (float(relative_depth(m.best_layer, m.description)), float(m.score_r.mean()))
              for m in result.models}
     cv_marks = {m.name: (marks[m.name][0], float(m.stat("cv_score").mean())) for m in result.models}
     if curves:
         out.append(("layers", "Layers", _figs(
-            fig.lines(curves, f"{score} by layer (star: chosen layer)", "relative depth", f"mean {score}",
+            fig.lines(curves, f"{score} by layer (star: the model's held-out score at the chosen layer)",
+                      "relative depth", f"mean {score}",
                       marks=marks),
             fig.lines(cv, "cross-validated training score by layer", "relative depth",
                       f"mean validation {_CV_LABELS.get(info.get('cv_score', 'r2'), 'score')}",
@@ -138,7 +156,7 @@ def _result_sections(result) -> list[tuple[str, str, str]]:
         parts = [fig.histogram({name: ceiling}, "noise ceiling", name),
                  fig.brain_map(space, result.full(ceiling), f"noise ceiling ({name})", vmax=1.0)]
         if top is not None:
-            parts.append(fig.scatter(ceiling, top.stat("r"), f"{top.name}: {score} against the ceiling", name,
+            parts.append(fig.scatter(ceiling, top.score_r, f"{top.name}: {score} against the ceiling", name,
                                      score, diagonal=True))
         what = (info["noise_ceiling"].get("description", "") if intersubject
                 else f"CC_max from {info.get('n_test_repeats')} repeats of the test stories")
