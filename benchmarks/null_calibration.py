@@ -17,7 +17,8 @@ delayed 1-4 TRs, filtered and trimmed as the pipeline does.
 Designs (TR 2 s): ``single`` (one 12-minute story, outer cross-validation over 5
 contiguous blocks), ``three`` (three 8-minute stories, no repeat: leave-one-story-out),
 ``repeated`` (three training stories and a 5-minute test story heard twice), ``rest``
-(one 234-volume story against resting-state BOLD). Each design fits all its participants
+(one 234-volume story against resting-state BOLD, each of the 55 people against four
+stretches of the story). Each design fits all its participants
 at once, as column groups of one ridge problem that choose their layers apart
 (:func:`bidsenc.models.nested.nested_outer_cv`), which is exactly the pipeline's
 procedure for each of them.
@@ -338,7 +339,8 @@ def main(argv=None) -> None:
                                                               np.arange(n) * TR + TR / 2, cutoff=1 / TR), DELAYS),
                                        TR, AlignSettings()) for on, n in stories}
             participants = []
-            for y, with_effect in subjects[v::len(variants)]:
+            # resting-state people hear every stretch (55 people are few); simulated ones one stretch each
+            for y, with_effect in (subjects if name == "rest" else subjects[v::len(variants)]):
                 n_vox = args.voxels if y is None else y.shape[1]
                 effect = None
                 if with_effect:

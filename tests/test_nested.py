@@ -267,3 +267,20 @@ def test_circular_shift_sd_is_the_spread_of_r_over_the_shifts_and_grows_with_aut
     np.testing.assert_allclose(sd, by_hand, rtol=1e-8)
     assert sd[2:].min() > 1.5 * sd[:2].max()
     assert circular_shift_sd(np.ones((n, 1)), resp[:, :1])[0] == 0.0
+
+
+def test_the_group_level_reports_the_nested_scores(single_story_run):
+    import pandas as pd
+
+    from bidsenc.cli.run import main
+
+    out, result = single_story_run
+    ds = out.parent / "ds"
+    assert main([str(ds), str(out), "group", "--skip-bids-validation"]) == 0
+    regions = pd.read_csv(out / "group" / "desc-regions_summary.tsv", sep="\t")
+    lm = next(m for m in result.models if m.description["kind"] != "lowlevel")
+    whole = regions[regions["model"] == lm.name]
+    # the group's score of the model is its nested held-out score, not its chosen layer's own
+    assert whole["mean_r"].iloc[0] == pytest.approx(float(lm.model_r.mean()), abs=1e-5)
+    report = (out / "group.html").read_text()
+    assert "nested outer cross-validation" in report

@@ -250,10 +250,10 @@ def _write_all(w: _Writer, result: ParticipantResult, cfg) -> None:
                 selection=np.array(json.dumps(model.selection)), pvalue_method=np.array(model.pvalue_method),
                 **extra_arrays)
         significance = {"Method": model.pvalue_method}
-        if "circular" in model.pvalue_method:
-            significance["Permutations"] = cfg.models.n_permutations
-        else:
+        if "misaligned-stimulus null" in model.pvalue_method:
             significance["NullDraws"] = int(len(model.null_r))
+        else:
+            significance["Permutations"] = cfg.models.n_permutations
         for layer in _map_layers(extra, model):
             best = layer == model.best_layer
             meta = {"Model": model.description, "Layer": int(layer), "BestLayer": best,

@@ -106,9 +106,9 @@ def _result_sections(result) -> list[tuple[str, str, str]]:
                   "mean inner cross-validated score on its own training rows and predicted its held-out block "
                   "with it, so the score is held out ('best layer' lists each fold's choice; the layer curves show "
                   "each layer's own outer score). ")
-        null_note = ("Misaligned: the whole nested procedure (alphas and layers chosen again) run on the responses "
-                     "circularly shifted in time within each story (several draws), which keeps their slow "
-                     "structure but breaks their alignment with the stimulus; ")
+        null_note = ("Misaligned: the whole nested procedure (alphas and layers chosen again) run on the stimulus "
+                     "rotated in time within each story (several draws), its design rebuilt like the real one, which "
+                     "keeps its own slow structure and word rate but breaks its alignment with the responses; ")
     else:
         choice = "Best layer: the highest mean cross-validated training score over fitted voxels (never the test score). "
         null_note = ("Misaligned: the best layer refitted on its features circularly shifted in time within each "
