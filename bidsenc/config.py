@@ -147,8 +147,9 @@ class ModelConfig:
     #: (without one, by the misaligned-stimulus null; by circular shifts only when that is off).
     n_permutations: int = 1000
     fdr_q: float = 0.05
-    #: Misaligned-stimulus null: each model refitted this many times on its stimulus rotated in time
-    #: within each story (without a test story, the whole nested procedure each time); 0 turns it off.
+    #: Misaligned-stimulus null, this many draws: with a test story the chosen layer refitted on its
+    #: features circularly shifted per story; without one the whole nested procedure on each story's
+    #: stimulus rotated in time. 0 turns it off.
     null_draws: int = 5
     #: Response cleaning: "auto" (detrend fMRIPrep and raw data; not ds003020's cleaned files),
     #: "detrend" or "none".

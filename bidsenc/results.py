@@ -41,8 +41,9 @@ class ModelResult:
     fdr: np.ndarray              # [V_fitted] bool, Benjamini-Hochberg discoveries
     #: Ridge weights of the best layer, [n_features x n_delays, V_fitted], only with --save-weights.
     weights: np.ndarray | None = None
-    #: Test r of the best layer refitted on misaligned features (circularly shifted per story),
-    #: [n_draws, V_fitted]; None when the null was not run.
+    #: The model's r on a misaligned stimulus, [n_draws, V_fitted] (with a test story the best layer
+    #: refitted on its features circularly shifted per story; without one the whole nested procedure
+    #: on the stimulus rotated in time); None when the null was not run.
     null_r: np.ndarray | None = None
     #: Without a test story, the model's held-out scores: every outer fold's block predicted by the
     #: layer that fold chose from its own training rows (nested); None with a test story, where the

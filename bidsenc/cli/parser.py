@@ -127,9 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="circular shifts of the prediction for the per-voxel p-values with a test story "
                    "(default: 1000; every allowed shift once when there are fewer)")
     g.add_argument("--null-draws", type=int, metavar="N",
-                   help="refit each model N times on a misaligned stimulus (each story rotated in time) and report "
-                   "its scores beside the real ones; without a test story each draw repeats the whole nested "
-                   "procedure and gives the p-values; 0 turns it off (default: 5)")
+                   help="refit each model N times on a misaligned stimulus and report its scores beside the real "
+                   "ones: with a test story the chosen layer on its features circularly shifted per story; "
+                   "without one the whole nested procedure on each story's stimulus rotated in time, which also "
+                   "gives the p-values; 0 turns it off (default: 5)")
     g.add_argument("--data-scaling-seeds", type=int, metavar="N",
                    help="random subsets of 1, 2, 4, ... training stories per size for the data-scaling "
                    "curve; 0 turns it off (default: 3)")

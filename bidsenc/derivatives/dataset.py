@@ -141,11 +141,13 @@ scored by the Pearson correlation between predicted and measured responses on he
 stories averaged over repeats, and normalised by the noise ceiling CC_max (Schoppe et al. 2016);
 without a repeated test story, by an outer cross-validation over stories (or buffered blocks of
 one story) in which each outer fold chose the regularisation and the layer from its own training
-data (nested). Each model was refitted on a misaligned stimulus (each story rotated in time by
-20-80% of its length), repeating the whole procedure. Voxelwise p-values came from circular
-shifts of the prediction against the test response, or, without a test story, from the
-misaligned-stimulus null pooled over voxels, and were corrected by the Benjamini-Hochberg false
-discovery rate. Feature spaces were combined by
+data (nested). As a misaligned-stimulus control, the chosen layer was refitted on its features
+circularly shifted in time within each story (with a test story), or the whole nested procedure
+was repeated on each story's stimulus rotated in time by 20-80% of its length (without one).
+Voxelwise p-values came from circular shifts of the prediction against the test response, or,
+without a test story, from each voxel's r divided by its spread over circular shifts of its
+prediction, compared with the same statistic of the misaligned-stimulus fits pooled over voxels
+and draws; they were corrected by the Benjamini-Hochberg false discovery rate. Feature spaces were combined by
 stacked regression with convex per-voxel weights (Lin et al. 2024). The exact settings of this
 run are in its config.toml.
 
@@ -159,7 +161,8 @@ _README = """\
 
 A BIDS-Derivatives dataset written by bidsenc. Per participant, `sub-<label>/func/` holds
 statistical maps of each feature model's best layer (`*_stat-<r|r2|ccnorm|alpha|cvscore|logp|fdr>_statmap.*`,
-each with a JSON sidecar), the noise ceiling (`desc-ceiling_stat-ccmax`), stacking maps
+each with a JSON sidecar; without a repeated test story, the model's nested held-out scores and its
+`logp` and `fdr` maps are `desc-<model>_stat-*` with no layer), the noise ceiling (`desc-ceiling_stat-ccmax`), stacking maps
 (`desc-stacked*`), one array file per feature model with every layer's statistics
 (`*_desc-<model>_encoding.npz`), and tables (`*_desc-models_summary.tsv`,
 `*_desc-datascaling_summary.tsv`). `sub-<label>.html` is the participant's report,

@@ -18,7 +18,7 @@ STAT_LABELS = {
     "ccnorm": "test r divided by the noise ceiling (CC_max, or the inter-subject ceiling without repeats)",
     "alpha": "ridge regularisation chosen by cross-validation on the training data (himalaya's convention)",
     "cvscore": "cross-validated training score (mean validation r over folds) at the chosen alpha",
-    "logp": "-log10 of the per-voxel p-value (circular shifts of the prediction against the test response)",
+    "logp": "-log10 of the per-voxel p-value of the model's held-out r (how it was computed: Method)",
     "fdr": "1 where the voxel is significant at the FDR level (Benjamini-Hochberg), else 0",
     "ccmax": "noise ceiling: CC_max from the test repeats (Schoppe et al. 2016)",
     "isc": "inter-subject ceiling: correlation with the mean response of other participants on the same runs",

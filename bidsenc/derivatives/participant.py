@@ -16,7 +16,7 @@ Array files (``*_encoding.npz``, read with ``np.load(allow_pickle=False)``):
     ``stats[layer, voxel, stat]`` (float32) over the fitted voxels, ``stat_names``
     (r, r2, cc_norm, alpha, cv_score), ``layers``, ``best_layer``, ``pvalue`` and
     ``fdr`` (of the model's held-out score), ``model`` (the feature model's record, JSON),
-    ``selection`` (how the layer was chosen, JSON), ``null_r[draw, voxel]`` (the
+    ``selection`` (how the layer was chosen, JSON), ``pvalue_method``, ``null_r[draw, voxel]`` (the
     misaligned-stimulus null); without a test story also ``model_r``, ``model_r2`` (the
     nested held-out scores) and ``fold_layers`` (the layer each outer fold chose); and with
     ``--save-weights`` the best layer's ridge ``weights[feature x delay, voxel]``
@@ -252,8 +252,9 @@ def _write_all(w: _Writer, result: ParticipantResult, cfg) -> None:
         significance = {"Method": model.pvalue_method}
         if "misaligned-stimulus null" in model.pvalue_method:
             significance["NullDraws"] = int(len(model.null_r))
-        else:
-            significance["Permutations"] = cfg.models.n_permutations
+        else:  # every allowed shift once when there are fewer (models.stats.permutation_pvalues)
+            scored = result.responses.get("n_test_volumes") or result.responses.get("n_train_volumes", 0)
+            significance["Permutations"] = int(min(cfg.models.n_permutations, max(scored - 2 * 10 + 1, 1)))
         for layer in _map_layers(extra, model):
             best = layer == model.best_layer
             meta = {"Model": model.description, "Layer": int(layer), "BestLayer": best,

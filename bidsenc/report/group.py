@@ -4,7 +4,7 @@ Nothing is refitted. Participants whose outputs are missing, incomplete or from
 another bidsenc version are skipped with a warning naming them. Tidy tables:
 
 ``group/desc-models_summary.tsv``      every participant, model and layer (whole brain)
-``group/desc-regions_summary.tsv``     every participant, model (best layer) and region
+``group/desc-regions_summary.tsv``     every participant, model (its held-out score) and region
 ``group/desc-sizescaling_summary.tsv`` slope of each score per tenfold parameters, per family and region
 ``group/desc-datascaling_summary.tsv`` data-scaling fits per model (and the subsets in ``..._subsets.tsv``)
 ``group/desc-stacking_summary.tsv``    stacking gain per participant and region
@@ -283,7 +283,8 @@ def _write_group_map(group_dir: Path, space, model: str, stat: str, values: np.n
     from ..derivatives.naming import bids_label
 
     base = f"space-{bids_label(space.name)}_desc-{bids_label(model)}_stat-{stat}_statmap"
-    sidecar = {"Description": f"mean over {n} participants of each one's best-layer {stat}", "Model": model}
+    sidecar = {"Description": f"mean over {n} participants of each one's held-out {stat} of the model (the best "
+                              "layer's with a test story, the nested score without one)", "Model": model}
     if space.kind == "volume":
         import nibabel as nib
 
@@ -304,7 +305,9 @@ def _sections(results, tables, maps, map_note, skipped, atlas, threshold) -> lis
     models, regions, sizes = tables["models"], tables["regions"], tables["sizescaling"]
     out = []
     joint = models["model"].isin(["stacked", "banded"])  # combinations of models, not models
-    best = models[models["best"] & ~joint]
+    best = models[models["best"] & ~joint].copy()
+    if "model_mean_r" not in best:  # summaries written before nested scores: the best layer's r is the model's
+        best["model_mean_r"] = best["mean_r"]
     whole = regions[regions["region"] == WHOLE_BRAIN]
     overview = (whole.groupby("model", sort=False)
                 .agg(family=("family", "first"), parameters=("n_parameters", "first"),
