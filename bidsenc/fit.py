@@ -221,10 +221,6 @@ class _Prepared:
         """No test story: scores come from an outer cross-validation of the training stories."""
         return not self.test_stories
 
-    @property
-    def y_test(self):
-        return self.resp.train if self.outer else self.resp.test
-
 
 @dataclass
 class _SpaceFit:
@@ -331,8 +327,11 @@ def _fit_space(cfg: RunConfig, fs, experiment: Experiment, data: _Prepared, how:
     """Every layer of one feature space fitted and scored; the model's layer chosen without the scored rows."""
     fitted = (_fit_space_nested if data.outer else _fit_space_test)(cfg, fs, experiment, data, how)
     model = fitted.result
-    if model.null_r is not None:
-        _report_null(fs.name, model, cfg.models.null_draws, data.outer)
+    null = None if model.null_r is None else NullScores(model.null_r, model.score_r)
+    if null is not None:
+        _report_null(fs.name, model, null, cfg.models.null_draws, data.outer)
+    chosen_row = fitted.rows[[int(v) for v in model.layers].index(model.best_layer)]
+    chosen_row.update(_model_columns(model, null, data.ceil_v, cfg.outputs.ceiling_threshold))
     log.info("%s: %s: mean test r %.3f, %d voxels significant (FDR q=%.2f)", fs.name, _selection_text(model),
              float(model.score_r.mean()), int(model.fdr.sum()), cfg.models.fdr_q)
     return fitted
@@ -371,7 +370,6 @@ def _fit_space_test(cfg: RunConfig, fs, experiment: Experiment, data: _Prepared,
                         pvalue_method=CIRCULAR_METHOD, selection={"method": "training-cv", "layer": int(chosen.layer),
                                    "description": "the layer with the highest mean cross-validated score on the "
                                                   "training stories; the test story plays no part"})
-    rows[fits.index(chosen)].update(_model_columns(model, data.ceil_v, threshold))
     return _SpaceFit(model, rows, chosen, x_train, x_test)
 
 
@@ -425,7 +423,6 @@ def _fit_space_nested(cfg: RunConfig, fs, experiment: Experiment, data: _Prepare
                                                   "its held-out block with it; the model's score is that of "
                                                   "these nested predictions (held out), the best-layer maps show "
                                                   "the layer most folds chose"})
-    rows[[int(v) for v in nested.layers].index(chosen)].update(_model_columns(model, data.ceil_v, threshold))
     return _SpaceFit(model, rows)
 
 
@@ -458,24 +455,18 @@ def _selection_text(model: ModelResult) -> str:
     return f"best layer {model.best_layer} (by cross-validated training score)"
 
 
-def _model_columns(model: ModelResult, ceiling, threshold: float) -> dict:
+def _model_columns(model: ModelResult, null: NullScores | None, ceiling, threshold: float) -> dict:
     """The columns of the chosen layer's summary row that describe the model as a whole."""
-    r = model.score_r
-    sel = model.selection or {}
-    out = {"best": True, "selection": sel.get("method", "training-cv"),
-           "fold_layers": ",".join(map(str, sel.get("fold_layers", []))) or f"{model.best_layer}",
-           "model_mean_r": float(r.mean()), "model_median_r": float(np.median(r)),
-           "model_mean_r2": float(model.score_r2.mean()),
-           "model_mean_r_ceiling": _mean_over_ceiling(r, ceiling, threshold),
-           "model_fraction_of_ceiling": _fraction_of_ceiling(r, ceiling, threshold)}
-    if model.null_r is not None:
-        null = NullScores(model.null_r, r)
+    sel = model.selection
+    out = {"best": True, "selection": sel["method"],
+           "fold_layers": ",".join(map(str, sel.get("fold_layers", [model.best_layer]))),
+           **_score_columns(model.score_r, model.score_r2, ceiling, threshold, prefix="model_")}
+    if null is not None:
         out.update(null_mean_r=null.mean_r, null_r95=null.threshold, fraction_above_null=null.fraction_above)
     return out
 
 
-def _report_null(name: str, model: ModelResult, n_draws: int, outer: bool) -> None:
-    null = NullScores(model.null_r, model.score_r)
+def _report_null(name: str, model: ModelResult, null: NullScores, n_draws: int, outer: bool) -> None:
     what = ("the whole nested procedure on the stimulus rotated in time within each story" if outer else
             f"layer {model.best_layer} refitted on features circularly shifted per story")
     log.info("%s, misaligned-stimulus null (%d draws, %s): mean r %.3f (real %.3f); %.0f%% of voxels above the "
@@ -780,9 +771,14 @@ def _banded(names, x_train, y_train, x_test, y_test, folds, alphas, device, seed
 def _joint_row(name: str, r: np.ndarray, r2: np.ndarray, ceiling, threshold: float) -> dict:
     """The summary row of a combination of models (stacked, banded): no layer, no family of its own."""
     return {"model": name, "family": name, "n_parameters": np.nan, "layer": -1, "relative_depth": np.nan,
-            "mean_r": float(r.mean()), "median_r": float(np.median(r)), "mean_r2": float(r2.mean()),
-            "mean_r_ceiling": _mean_over_ceiling(r, ceiling, threshold),
-            "fraction_of_ceiling": _fraction_of_ceiling(r, ceiling, threshold), "cv_score": np.nan, "best": True}
+            **_score_columns(r, r2, ceiling, threshold), "cv_score": np.nan, "best": True}
+
+
+def _score_columns(r: np.ndarray, r2: np.ndarray, ceiling, threshold: float, prefix: str = "") -> dict:
+    """Mean and median r, mean R^2, and the ceiling-based scores of a summary row."""
+    return {f"{prefix}mean_r": float(r.mean()), f"{prefix}median_r": float(np.median(r)),
+            f"{prefix}mean_r2": float(r2.mean()), f"{prefix}mean_r_ceiling": _mean_over_ceiling(r, ceiling, threshold),
+            f"{prefix}fraction_of_ceiling": _fraction_of_ceiling(r, ceiling, threshold)}
 
 
 def _fraction_of_ceiling(r: np.ndarray, ceiling: np.ndarray | None, threshold: float = 0.3) -> float:
@@ -803,8 +799,6 @@ def _mean_over_ceiling(r: np.ndarray, ceiling: np.ndarray | None, threshold: flo
 def _summary_row(fs, fit, ceiling, threshold: float) -> dict:
     d = fs.describe()
     return {"model": fs.name, "family": model_family(d), "n_parameters": d.get("n_parameters", np.nan),
-            "layer": fit.layer, "relative_depth": relative_depth(fit.layer, d), "mean_r": float(fit.test_r.mean()),
-            "median_r": float(np.median(fit.test_r)), "mean_r2": float(fit.test_r2.mean()),
-            "mean_r_ceiling": _mean_over_ceiling(fit.test_r, ceiling, threshold),
-            "fraction_of_ceiling": _fraction_of_ceiling(fit.test_r, ceiling, threshold),
-            "cv_score": float(fit.cv_score.mean()), "best": False}
+            "layer": fit.layer, "relative_depth": relative_depth(fit.layer, d),
+            **_score_columns(fit.test_r, fit.test_r2, ceiling, threshold), "cv_score": float(fit.cv_score.mean()),
+            "best": False}

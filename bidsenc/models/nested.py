@@ -181,24 +181,28 @@ def nested_outer_cv(designs: Iterable[tuple[int, np.ndarray]], y: np.ndarray, gr
                              column_groups=unit, score=score, device=device, mem_gb=mem_gb, dtype=dtype)
              for d in null_designs]
 
+    layer_r, layer_r2 = np.where(valid, np.stack(layer_r), 0.0), np.where(valid, np.stack(layer_r2), 0.0)
+    layer_alpha, layer_cv = np.stack(layer_alpha), np.stack(layer_cv)
+
+    def per_draw(g, get, width):  # [n_draws, width] of each null draw's fit of group g
+        return np.stack([get(d[g]) for d in draws]) if draws else np.zeros((0, width))
+
     fits = []
     for g in range(n_units):
         mine = unit == g
-        v = valid[mine]
+        n_mine = int(mine.sum())
         fits.append(NestedFit(
             layers=layers,
-            layer_r=np.where(v, np.stack(layer_r)[:, mine], 0.0).astype(np.float32),
-            layer_r2=np.where(v, np.stack(layer_r2)[:, mine], 0.0).astype(np.float32),
-            layer_alphas=np.stack(layer_alpha)[:, mine].astype(np.float32),
-            layer_cv_score=np.stack(layer_cv)[:, mine].astype(np.float32),
-            valid=v,
+            layer_r=layer_r[:, mine].astype(np.float32), layer_r2=layer_r2[:, mine].astype(np.float32),
+            layer_alphas=layer_alpha[:, mine].astype(np.float32),
+            layer_cv_score=layer_cv[:, mine].astype(np.float32),
+            valid=valid[mine],
             fold_layers=layers[best_index[:, g]],
             r=r_all[mine].astype(np.float32), r2=r2_all[mine].astype(np.float32),
             predictions=held_pred[:, mine], scored=scored,
-            null_r=np.stack([d[g].r for d in draws]) if draws else np.zeros((0, int(mine.sum())), np.float32),
-            null_fold_layers=np.stack([d[g].fold_layers for d in draws]) if draws else np.zeros((0, n_folds), int),
-            null_layer_r=np.stack([d[g].layer_r.mean(1) for d in draws]) if draws else
-            np.zeros((0, len(layers)), np.float32),
+            null_r=per_draw(g, lambda f: f.r, n_mine).astype(np.float32),
+            null_fold_layers=per_draw(g, lambda f: f.fold_layers, n_folds).astype(int),
+            null_layer_r=per_draw(g, lambda f: f.layer_r.mean(1), len(layers)).astype(np.float32),
             shift_sd=sd_all[mine],
-            null_shift_sd=np.stack([d[g].shift_sd for d in draws]) if draws else np.zeros((0, int(mine.sum())))))
+            null_shift_sd=per_draw(g, lambda f: f.shift_sd, n_mine)))
     return fits if column_groups is not None else fits[0]
