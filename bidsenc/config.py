@@ -116,6 +116,8 @@ class ExecutionConfig:
     #: Only rewrite the HTML reports from the outputs already in output_dir.
     reports_only: bool = False
     features_only: bool = False
+    #: Recompute participants whose outputs are complete (by default they are skipped).
+    force: bool = False
 
 
 @dataclass(frozen=True)
@@ -232,6 +234,24 @@ class RunConfig:
         ))
 
 
+    def results_fingerprint(self) -> str:
+        """A digest of every setting a participant's outputs depend on.
+
+        Where and how fast things run (work folder, threads, device, logging, which
+        participants this job takes, reports) is left out; everything else, the input
+        paths included, is in: outputs written with another fingerprint are recomputed.
+        """
+        import hashlib
+
+        inputs = {k: v for k, v in asdict(self.inputs).items()
+                  if k not in ("output_dir", "analysis_level", "participant_label", "skip_bids_validation")}
+        outputs = {k: v for k, v in asdict(self.outputs).items() if k != "reports"}
+        text = tomli_w.dumps(_plain({"inputs": inputs, "models": asdict(self.models), "outputs": outputs,
+                                     "features": [f.to_dict() for f in self.features],
+                                     "random_seed": self.execution.random_seed}))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 # --------------------------------------------------------------------------- building
 
 _SECTIONS = ("inputs", "execution", "models", "outputs")
@@ -270,6 +290,8 @@ def build_config(cli: dict, config_file: Path | None = None) -> RunConfig:
                 raise UsageError(f"{config_file}: write each feature space as an array entry [[features]] "
                                  "(double brackets) with kind and model, e.g. kind = \"lm\"")
             features = tuple(FeatureSpec.from_dict(d) for d in entries)
+    if config_file is not None:
+        _check_file_values(merged, cli, features, config_file)
     for section in _SECTIONS:
         merged[section].update(cli.get(section, {}))
     merged["execution"].setdefault("work_dir", "work")  # relative to where bidsenc was started
@@ -286,6 +308,24 @@ def build_config(cli: dict, config_file: Path | None = None) -> RunConfig:
            else RunConfig(inputs, execution, models, outputs, features))
     _validate(cfg)
     return cfg
+
+
+def _check_file_values(from_file: dict, cli: dict, features, config_file: Path) -> None:
+    """Type-check every value of the config file, also those the command line overrides.
+
+    A bad value in a file that is reused later must not go unnoticed because this run's
+    command line happened to override it.
+    """
+    given = {key: cli.get("inputs", {}).get(key) for key in ("bids_dir", "output_dir", "analysis_level")}
+    try:
+        cfg = RunConfig(_make(InputConfig, {**from_file["inputs"], **given}, "inputs"),
+                        _make(ExecutionConfig, from_file["execution"], "execution"),
+                        _make(ModelConfig, from_file["models"], "models"),
+                        _make(OutputConfig, from_file["outputs"], "outputs"),
+                        *(() if features is None else (features,)))
+        _check_types(cfg)
+    except UsageError as err:
+        raise UsageError(err.message if str(config_file) in err.message else f"{config_file}: {err.message}") from None
 
 
 def read_toml(path: Path) -> dict:

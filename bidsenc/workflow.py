@@ -22,10 +22,15 @@ def participant(cfg: RunConfig, dataset: Dataset, label: str, logs_dir: Path, ru
     so the report says what was found and what went wrong.
     """
     from .bids.bold import check_mask
-    from .derivatives import write_dataset_files, write_participant
+    from .derivatives import complete_outputs, write_dataset_files, write_participant
     from .fit import check_memory_early, fit_participant
 
     out = cfg.inputs.output_dir
+    done = None if cfg.execution.force else complete_outputs(out, label, cfg.results_fingerprint())
+    if done is not None:
+        log.info("sub-%s: outputs complete in %s (this version, same settings): skipped; --force recomputes them",
+                 label, done)
+        return
     warnings = _WarningCollector()
     logging.getLogger("bidsenc").addHandler(warnings)
     experiment, error = None, None
@@ -52,8 +57,21 @@ def participant(cfg: RunConfig, dataset: Dataset, label: str, logs_dir: Path, ru
         raise
     finally:
         logging.getLogger("bidsenc").removeHandler(warnings)
+        _record_status(logs_dir, label, error)
         if cfg.outputs.reports:
             _participant_report(out, label, experiment, warnings.messages, error)
+
+
+def _record_status(logs_dir: Path, label: str, error: str | None) -> None:
+    """``logs/status-sub-<label>.json``: how the participant's last run ended, for the group level to name it."""
+    import time
+
+    try:
+        atomic_write_text(logs_dir / f"status-sub-{label}.json", json.dumps(
+            {"participant": label, "status": "failed" if error else "complete", "error": error,
+             "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2) + "\n")
+    except OSError as err:  # the run's own outcome matters more than this record
+        log.warning("sub-%s: could not record the run's status (%s)", label, err)
 
 
 #: Share of a story that may run past its scan's last volume before the run is refused.

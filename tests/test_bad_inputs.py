@@ -412,6 +412,45 @@ def _(ds, tmp, mp):
     return ["--feature-cache", str(tmp / "cache-file")]
 
 
+@case("participant-folder-is-a-file", 73, "out/sub-01 is a file, not a folder")
+def _(ds, tmp, mp):
+    (tmp / "out").mkdir()
+    (tmp / "out" / "sub-01").write_text("x")
+
+
+@case("func-folder-is-a-file", 73, "sub-01/func is a file, not a folder; move it away")
+def _(ds, tmp, mp):
+    (tmp / "out" / "sub-01").mkdir(parents=True)
+    (tmp / "out" / "sub-01" / "func").write_text("x")
+
+
+@case("feature-cache-under-a-file", 73, "--feature-cache")
+def _(ds, tmp, mp):
+    (tmp / "cachefile").write_text("x")
+    return ["--feature-cache", str(tmp / "cachefile" / "sub")]
+
+
+@case("database-under-a-file", 73, "dbfile is a file, not a folder")
+def _(ds, tmp, mp):
+    (tmp / "dbfile").write_text("x")
+    return ["--bids-database-dir", str(tmp / "dbfile" / "sub")]
+
+
+@case("feature-cache-read-only", 73, "give --feature-cache a folder you can write to")
+def _(ds, tmp, mp):
+    cache = tmp / "cache"
+    cache.mkdir()
+    real = os.access
+    mp.setattr(os, "access", lambda p, mode, *a, **k: False if Path(p) == cache else real(p, mode, *a, **k))
+    return ["--feature-cache", str(cache)]
+
+
+@case("config-value-overridden-on-the-command-line", 64, "n_permutations = 'many': expected a whole number")
+def _(ds, tmp, mp):
+    return _config(tmp, '[models]\nn_permutations = "many"\n') + ["--n-permutations", "100", "--feature",
+                                                                    "lowlevel:word_rate", "--no-reports"]
+
+
 @case("participant-folder-read-only", 73, "cannot be written to")
 def _(ds, tmp, mp):
     sub = tmp / "out" / "sub-01"
@@ -446,8 +485,12 @@ def _(ds, tmp, mp):
 
 
 @pytest.fixture(scope="module")
-def demo_ds(demo):
-    return demo[0] / "ds"
+def demo_ds(demo, tmp_path_factory):
+    """The demo's raw dataset without its derivatives/fmriprep: the cases break raw files, read in the raw layout."""
+    ds = tmp_path_factory.mktemp("raw-demo") / "ds"
+    shutil.copytree(demo[0] / "ds", ds, copy_function=os.link,
+                    ignore=lambda folder, names: ["derivatives"] if Path(folder) == demo[0] / "ds" else [])
+    return ds
 
 
 @pytest.mark.parametrize("bad", CASES, ids=[c.name for c in CASES])

@@ -468,3 +468,30 @@ def test_residual_covariance_fold_by_fold_takes_boolean_folds():
     by_index = out_of_fold_residual_covariance(designs, alphas, y, [(np.flatnonzero(~held), np.flatnonzero(held)),
                                                                     (np.flatnonzero(held), np.flatnonzero(~held))])
     np.testing.assert_allclose(by_mask, by_index, rtol=1e-12)
+
+
+def test_sign_flip_test_is_exact_for_few_participants_and_calibrated_for_many():
+    """The group test: every sign pattern once when they are few (brute force agrees), sampled otherwise."""
+    from itertools import product
+
+    from scipy import stats
+
+    from bidsenc.models.stats import sign_flip_test
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(0.2, 1.0, (5, 40))
+    t, p, n = sign_flip_test(x, n_permutations=1000)
+    assert n == 32
+    np.testing.assert_allclose(t, stats.ttest_1samp(x, 0).statistic, rtol=1e-10)
+    flips = np.array(list(product([1.0, -1.0], repeat=5)))
+    brute = np.array([(stats.ttest_1samp(flips * x[:, [j]].T, 0, axis=1).statistic >= t[j] - 1e-12).mean()
+                      for j in range(x.shape[1])])
+    np.testing.assert_allclose(p, brute)
+    # equal values: +inf for a positive mean (p = 1/32), and nothing to find in zeros
+    t, p, _ = sign_flip_test(np.stack([np.full(5, 0.3), np.zeros(5)], axis=1), n_permutations=1000)
+    assert np.isposinf(t[0]) and p[0] == pytest.approx(1 / 32) and t[1] == 0 and p[1] == 1
+    # 12 null participants: 4096 patterns > 1000, so 1000 drawn plus the observed; p < 0.05 in 5% of columns
+    t, p, n = sign_flip_test(rng.normal(0, 1, (12, 4000)), n_permutations=1000, seed=1)
+    assert n == 1001 and 0.04 < (p < 0.05).mean() < 0.06
+    effect = rng.normal(0.8, 1, (12, 200))
+    assert (sign_flip_test(effect, n_permutations=1000)[1] < 0.05).mean() > 0.8

@@ -30,7 +30,7 @@ def test_demo_discovery_matches_truth(demo, tmp_path):
     assert select_participants(dataset, cfg) == truth["participants"]
     for label, subject in truth["subjects"].items():
         exp = discover(dataset, cfg, label).to_dict()
-        assert exp["layout"] == "raw"
+        assert exp["layout"] == "fmriprep"  # the demo's BOLD is in ds/derivatives/fmriprep
         found = {r["name"]: r for r in exp["runs"]}
         assert sorted(found) == sorted(r["name"] for r in subject["runs"])
         for run in subject["runs"]:
@@ -247,3 +247,16 @@ def test_same_content_under_another_name_is_a_repeat(tmp_path):
     assert exp.repeated_stories == ["story"]
     assert [seg.onset for run in exp.runs for seg in run.segments] == [3.0, 2.0]
     assert any("same audio and words" in note for note in exp.notes)
+
+
+def test_a_negative_event_duration_is_named_in_a_warning(tmp_path, caplog):
+    from builders import make_raw
+
+    ds = tmp_path / "ds"
+    make_raw(ds)
+    (ds / "sub-01" / "func" / "sub-01_task-story_events.tsv").write_text(
+        "onset\tduration\ttrial_type\tstim_file\n3.0\t-30\tstory\tstory.wav\n")
+    with caplog.at_level("WARNING", logger="bidsenc"):
+        _, exp = _experiment(ds, tmp_path, "01", "--feature", "lm:m")
+    assert exp.runs[0].segments[0].onset == 3.0  # the story is still placed by its onset
+    assert "sub-01_task-story_events.tsv: 1 event(s) with a negative duration (row 1: -30 s)" in caplog.text

@@ -96,9 +96,9 @@ def baseline(demo, tmp_path_factory):
 def test_a_killed_run_reruns_to_the_uninterrupted_outputs(baseline, tmp_path, point):
     ds, expected = baseline
     out, work = tmp_path / "out", tmp_path / "work"
-    if point == "swap":  # a rerun over complete outputs, killed in the middle of replacing them
+    if point == "swap":  # a rerun over complete outputs (--force), killed in the middle of replacing them
         assert _run(None, _args(ds, out, work)).returncode == 0
-    killed = _run(KILL_POINTS[point], _args(ds, out, work))
+    killed = _run(KILL_POINTS[point], _args(ds, out, work) + (["--force"] if point == "swap" else []))
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     if point == "swap":
         # the previous outputs are not lost: moved aside whole, next to the complete new folder
@@ -126,6 +126,29 @@ def test_stale_staging_folders_are_cleaned(baseline, tmp_path):
     assert _run(None, _args(ds, out, work)).returncode == 0
     assert _hidden(out) == []
     assert _outputs(out) == expected
+
+
+def test_complete_participants_are_skipped_unless_settings_change_or_force(baseline, tmp_path):
+    """A resubmitted job does only what is left: complete outputs of the same settings are kept as they are."""
+    ds, expected = baseline
+    out, work = tmp_path / "out", tmp_path / "work"
+    assert _run(None, _args(ds, out, work)).returncode == 0
+    marker = next(out.rglob(f"*{MARKER_SUFFIX}"))
+    written = marker.stat().st_mtime_ns
+    again = _run(None, _args(ds, out, work))
+    assert again.returncode == 0 and "sub-01: outputs complete in" in again.stderr and "skipped" in again.stderr
+    assert marker.stat().st_mtime_ns == written and _outputs(out) == expected
+    # the same job with a setting that changes the results, or with --force, computes it again
+    changed = _run(None, _args(ds, out, work)[:-1] + ["--n-permutations", "30", "--no-reports"])
+    assert changed.returncode == 0 and "outputs complete" not in changed.stderr
+    assert next(out.rglob(f"*{MARKER_SUFFIX}")).stat().st_mtime_ns != written
+    written = next(out.rglob(f"*{MARKER_SUFFIX}")).stat().st_mtime_ns
+    forced = _run(None, _args(ds, out, work) + ["--n-permutations", "30", "--force"])
+    assert forced.returncode == 0 and "outputs complete" not in forced.stderr
+    assert next(out.rglob(f"*{MARKER_SUFFIX}")).stat().st_mtime_ns != written
+    # outputs of a missing file are not complete
+    next(f for f in (out / "sub-01").rglob("*_statmap.nii.gz")).unlink()
+    assert "outputs complete" not in _run(None, _args(ds, out, work) + ["--n-permutations", "30"]).stderr
 
 
 def test_two_writers_of_one_participant_take_turns(tmp_path):
@@ -169,3 +192,46 @@ def test_other_analyses_in_the_folder_survive_a_swap(tmp_path):
     assert (final / "sub-01_task-a_desc-x_statmap.json").read_text() == "a"
     assert (final / "sub-01_task-b_desc-x_statmap.json").read_text() == "new b"
     assert os.stat(final / "sub-01_task-a_desc-x_statmap.json").st_nlink == 1  # the old folder is gone
+
+
+def test_a_reader_never_sees_files_of_two_writes(tmp_path, monkeypatch):
+    """The group level reads a participant under a shared lock: never half of one write and half of another."""
+    import threading
+
+    from bidsenc.derivatives import participant as p
+
+    final = tmp_path / "sub-01" / "func"
+    final.parent.mkdir(parents=True)
+    stop = threading.Event()
+
+    def write(n: int) -> None:
+        i = 0
+        while i < n or (n == 0 and not stop.is_set()):
+            i += 1
+            staging = final.parent / f".func.tmp-{i}"
+            staging.mkdir()
+            for k in range(30):
+                (staging / f"sub-01_desc-x_{k:02d}.txt").write_text(str(i))
+            with p._exclusive(final.parent / p.LOCK_NAME):
+                p._swap_in(staging, final, "sub-01")
+            shutil.rmtree(staging, ignore_errors=True)
+
+    write(1)
+    writer = threading.Thread(target=write, args=(0,))  # until the reader is done
+    writer.start()
+    seen = []
+    for _ in range(300):
+        with p._shared([final.parent / p.LOCK_NAME]):
+            seen.append({f.read_text() for f in final.iterdir()})
+    stop.set()
+    writer.join()
+    assert all(len(tags) == 1 for tags in seen) and len(set().union(*seen)) > 3  # many writes seen, none mixed
+    # and read_participant takes that lock, on the participant's folder and each session's
+    taken = []
+    real = p._shared
+    monkeypatch.setattr(p, "_shared", lambda paths: taken.append(paths) or real(paths))
+    (tmp_path / "sub-01" / "ses-2").mkdir()
+    (tmp_path / "sub-01" / "ses-2" / p.LOCK_NAME).write_text("")
+    with pytest.raises(p.PartialOutputError):
+        p.read_participant(tmp_path, "01")
+    assert taken == [[final.parent / p.LOCK_NAME, tmp_path / "sub-01" / "ses-2" / p.LOCK_NAME]]

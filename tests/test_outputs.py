@@ -428,22 +428,30 @@ def test_group_maps_when_participants_share_a_template_space(written, tmp_path):
 
     out, _ = written
     results = [read_participant(out, label) for label in ("01", "02")]
+    for r in results:
+        r.space.name = None
     assert group_maps(results, tmp_path)[0] == {}  # native spaces: none
     results[1] = _without_first_voxels(results[1], 300)  # masks differ between people on one template grid
     for r in results:
         r.space.name = "MNI152NLin2009cAsym"
-    maps, note = group_maps(results, tmp_path)
-    assert "mean over 2 participants" in note
+    maps, notes, significance = group_maps(results, tmp_path, n_permutations=100)
+    assert "MNI152NLin2009cAsym: group maps of 2 participants (sub-01, sub-02)" in notes[-1]
     name = results[0].models[1].name
     volumes = [r.space.to_volume(r.full(r.model(name).stat("r"))) for r in results]
     counts = [r.space.to_volume(r.valid.astype(np.float32)) for r in results]
     expected = np.where(sum(counts) > 0, sum(volumes) / np.maximum(sum(counts), 1), 0)
     img = nib.load(tmp_path / "space-MNI152NLin2009cAsym_desc-oracleFull_stat-r_statmap.nii.gz")
     assert np.allclose(np.asarray(img.dataobj), expected, atol=1e-6)
-    space, values = maps[(name, "r")]
+    space, values = maps[("MNI152NLin2009cAsym", name, "r")]
     assert np.allclose(space.to_volume(values), expected, atol=1e-6)
     only_one = (counts[0] > 0) ^ (counts[1] > 0)
     assert only_one.any() and np.allclose(expected[only_one], (volumes[0] + volumes[1])[only_one])
+    # the group test runs on the voxels both have: two participants give 4 sign patterns, p >= 1/4
+    row = significance.set_index("model").loc[name]
+    assert row["n_tested"] == (counts[0] * counts[1] > 0).sum() and row["n_sign_patterns"] == 4
+    logp = np.asarray(nib.load(tmp_path / "space-MNI152NLin2009cAsym_desc-oracleFull_stat-logp_statmap.nii.gz")
+                      .dataobj)
+    assert logp.max() == pytest.approx(np.log10(4), abs=1e-5) and row["n_significant"] == 0
 
 
 def test_banded_ridge_outputs(demo, tmp_path):

@@ -1,7 +1,8 @@
 """Loading a participant's BOLD responses into time x voxel arrays, and their space.
 
 A :class:`Space` puts a voxel vector back where it came from: a NIfTI volume
-(affine + brain mask), a pair of GIfTI hemispheres, or the voxel order of the
+(affine + brain mask), a pair of GIfTI hemispheres, the grayordinates of a CIFTI-2
+file (surface vertices and subcortical voxels alike), or the voxel order of the
 ds003020 preprocessed files. All runs of a participant share one space (one
 mask), so their columns line up.
 """
@@ -28,13 +29,19 @@ log = logging.getLogger(__name__)
 NATIVE_SPACES = frozenset({None, "", "T1w", "T2w", "boldref", "func", "anat", "fsnative"})
 
 
+#: CIFTI-2 structures of the two cortical hemispheres.
+CIFTI_CORTEX = {"left": "CIFTI_STRUCTURE_CORTEX_LEFT", "right": "CIFTI_STRUCTURE_CORTEX_RIGHT"}
+
+
 @dataclass
 class Space:
     """Where the columns of a response matrix live.
 
     ``kind`` is ``"volume"`` (``mask`` is a 3D boolean array, ``affine`` its
     voxel-to-world matrix), ``"surface"`` (``n_vertices`` per hemisphere, left then
-    right) or ``"index"`` (columns as stored, e.g. ds003020 cortical voxels).
+    right), ``"cifti"`` (``brain_models``: nibabel's ``BrainModelAxis``, one column per
+    grayordinate; ``n_vertices`` the sizes of the left and right cortical meshes, 0 when
+    absent) or ``"index"`` (columns as stored, e.g. ds003020 cortical voxels).
     """
 
     kind: str
@@ -47,6 +54,29 @@ class Space:
     #: Order in which the mask's voxels are numbered: "C" (nibabel's x, y, z array,
     #: last axis fastest) or "F" (pycortex, whose masks are stored transposed).
     voxel_order: str = "C"
+    brain_models: object | None = None
+    #: The ``den`` entity of the data (fsLR ``91k``), part of the outputs' names.
+    density: str | None = None
+
+    def surface_parts(self, values: np.ndarray) -> dict[str, np.ndarray]:
+        """Each hemisphere's vertex values, ``{"left": ..., "right": ...}``.
+
+        For CIFTI data, the arrays span the whole cortical mesh with NaN where it has
+        no grayordinate (the medial wall); subcortical grayordinates are not included.
+        """
+        values = np.asarray(values, dtype=np.float32)
+        if self.kind == "surface":
+            return {"left": values[:self.n_vertices[0]], "right": values[self.n_vertices[0]:]}
+        if self.kind != "cifti":
+            raise ValueError(f"a {self.kind} space has no surface")
+        parts = {}
+        for hemi, structure in CIFTI_CORTEX.items():
+            size = self.brain_models.nvertices.get(structure, 0)
+            part = np.full(size, np.nan, dtype=np.float32)
+            on = self.brain_models.name == structure
+            part[self.brain_models.vertex[on]] = values[on]
+            parts[hemi] = part
+        return parts
 
     def to_volume(self, values: np.ndarray) -> np.ndarray:
         """A 3D (or 4D for 2D ``values``) array with ``values`` inside the mask and 0 outside."""
@@ -94,6 +124,8 @@ def read_responses(runs: list[Run], mask_path: Path | None = None, *,
         return _read_nifti(runs, mask_path)
     if kind == "gifti":
         return _read_gifti(runs)
+    if kind == "cifti":
+        return _read_cifti(runs)
     return _read_hdf5(runs)
 
 
@@ -126,13 +158,16 @@ def run_read_bytes(run: Run, space: Space) -> int:
     volumes = run.trimmed_start + run.n_volumes + run.trimmed_end
     if space.kind == "volume" and space.mask is not None and run.bold.kind == "nifti":
         return 4 * volumes * (space.mask.size + space.n_voxels)
-    return 4 * volumes * space.n_voxels * (3 if run.bold.kind == "gifti" else 2)
+    return 4 * volumes * space.n_voxels * (3 if run.bold.kind == "gifti" else 2)  # CIFTI: as stored, then copied
 
 
 def check_mask(mask_path: Path, runs: list[Run]) -> None:
     """Refuse a ``--mask`` that cannot serve these runs (read from the headers: nothing is loaded)."""
     mask = _nib_load(mask_path)
     for run in runs:
+        if run.bold.kind == "cifti":
+            raise DataError(f"--mask {mask_path.name}: {run.name} is CIFTI-2 data, whose grayordinates are already "
+                            "the brain's (cortical vertices and subcortical voxels); leave out --mask")
         if run.bold.kind != "nifti":
             raise DataError(f"--mask {mask_path.name}: {run.name} is not a NIfTI run ({run.bold.kind}); a mask "
                             "applies to volumes only")
@@ -211,6 +246,11 @@ def _masked(img, path: Path, mask: np.ndarray) -> np.ndarray:
 
 
 def _read_like(runs: list[Run], kind: str, like: Space) -> tuple[Space, Iterator[np.ndarray]]:
+    if kind == "cifti" and like.kind == "cifti":
+        space, responses = _read_cifti(runs)
+        if space.brain_models != like.brain_models:
+            raise DataError(f"{runs[0].name}: its grayordinates differ from the reference participant's")
+        return like, responses
     if kind == "gifti" and like.kind == "surface":
         space, responses = _read_gifti(runs)
         if space.n_vertices != like.n_vertices:
@@ -250,6 +290,53 @@ def _gifti_run(run: Run) -> tuple[np.ndarray, tuple[int, ...]]:
     """One run's two hemispheres as ``[n_volumes, n_vertices]`` float32, and the vertices of each."""
     hemis = [np.column_stack([d.data for d in _nib_load(p).darrays]).astype(np.float32) for p in run.bold.paths]
     return np.ascontiguousarray(np.vstack(hemis).T), tuple(h.shape[0] for h in hemis)
+
+
+def cifti_series(path: Path) -> tuple[int, float]:
+    """The number of time points of a CIFTI-2 dense time series, and their step in seconds (headers only).
+
+    Anything but a dtseries (a dscalar, a parcellated or connectivity file) is a
+    :class:`DataError` that says what the file is.
+    """
+    import nibabel as nib
+
+    img = _nib_load(path)
+    if not isinstance(img, nib.cifti2.Cifti2Image):
+        raise DataError(f"{path.name}: not a CIFTI-2 file ({type(img).__name__}); fMRIPrep writes grayordinate "
+                        "time series as *_bold.dtseries.nii")
+    try:
+        rows, columns = img.header.get_axis(0), img.header.get_axis(1)
+    except Exception as err:  # nibabel raises several types for inconsistent CIFTI headers
+        raise DataError(f"{path.name}: unreadable CIFTI-2 header ({type(err).__name__}: {err})") from None
+    if not isinstance(rows, nib.cifti2.SeriesAxis) or not isinstance(columns, nib.cifti2.BrainModelAxis):
+        what = f"{type(rows).__name__.removesuffix('Axis').lower()} x {type(columns).__name__.removesuffix('Axis')}"
+        raise DataError(f"{path.name}: a CIFTI-2 file of {what} rows, not a dense time series (series x brain "
+                        "models, a .dtseries.nii); give the BOLD time series, not maps computed from it")
+    if rows.unit != "SECOND":
+        raise DataError(f"{path.name}: its series is in {rows.unit.lower()}, not in seconds; not a BOLD time series")
+    return int(rows.size), float(rows.step)
+
+
+def _read_cifti(runs: list[Run]) -> tuple[Space, Iterator[np.ndarray]]:
+    paths = [run.bold.paths[0] for run in runs]
+    imgs = [_nib_load(path) for path in paths]
+    for path in paths:
+        cifti_series(path)
+    models = imgs[0].header.get_axis(1)
+    for path, img in zip(paths[1:], imgs[1:], strict=True):
+        if img.header.get_axis(1) != models:
+            raise DataError(f"{path.name}: its grayordinates (CIFTI brain models) differ from those of {paths[0].name}; "
+                            "runs of one participant must share them (fMRIPrep outputs of one --cifti-output "
+                            "density)")
+    structures = [name.removeprefix("CIFTI_STRUCTURE_").lower() for name, _, _ in models.iter_structures()]
+    n_vertices = tuple(int(models.nvertices.get(CIFTI_CORTEX[h], 0)) for h in ("left", "right"))
+    n_surface = int((models.vertex >= 0).sum())
+    source = (f"CIFTI-2 grayordinates: {n_surface} cortical vertices, {len(models) - n_surface} subcortical voxels "
+              f"({len(structures)} structures)")
+    space = Space("cifti", len(models), runs[0].bold.space, n_vertices=n_vertices, mask_source=source,
+                  brain_models=models, density=runs[0].bold.density)
+    return space, (np.ascontiguousarray(_image_data(img, path, np.float32))
+                   for path, img in zip(paths, imgs, strict=True))
 
 
 def _read_hdf5(runs: list[Run]) -> tuple[Space, Iterator[np.ndarray]]:
@@ -415,5 +502,5 @@ def _nib_load(path: Path):
         raise DataError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
 
 
-__all__ = ["NATIVE_SPACES", "Space", "find_regions", "load_confounds", "load_responses", "read_responses",
+__all__ = ["CIFTI_CORTEX", "NATIVE_SPACES", "Space", "cifti_series", "find_regions", "load_confounds", "load_responses", "read_responses",
            "run_read_bytes", "space_from_headers"]

@@ -5,7 +5,8 @@ Three layouts are understood (see :func:`detect_layout`):
 ``fmriprep``
     BOLD from fMRIPrep derivatives (``-d fmriprep=PATH`` or
     ``bids_dir/derivatives/fmriprep``): ``*_space-<S>_desc-preproc_bold.nii.gz`` with
-    its brain mask, or ``*_space-fsaverage*_hemi-{L,R}_bold.func.gii`` pairs.
+    its brain mask, ``*_space-fsaverage*_hemi-{L,R}_bold.func.gii`` pairs, or CIFTI-2
+    grayordinates ``*_space-fsLR_den-91k_bold.dtseries.nii``.
 ``raw``
     ``func/*_bold.nii.gz`` of the dataset itself, taken as already preprocessed.
 ``ds003020``
@@ -31,6 +32,7 @@ import pandas as pd
 from ..config import RunConfig
 from ..errors import DataError, MissingInputError, NoDataSelectedError, UsageError
 from .audio import audio_duration
+from .bold import cifti_series
 from .experiment import BoldSource, Experiment, Run, Segment, SkippedRun, Story, WordTimings
 from .words import find_word_timings, read_events_words, read_word_timings
 
@@ -200,6 +202,8 @@ def _discover_bids(dataset: Dataset, cfg: RunConfig, bold_files: list, exp: Expe
             continue
         metadata = _metadata(dataset, bf, bold)
         tr = _repetition_time(metadata, path)
+        if bold.kind == "cifti":
+            _check_series_step(bold.paths[0], tr)
         segments = []
         if stimuli.empty:  # the story is defined by the word rows themselves
             words = event_words
@@ -236,6 +240,12 @@ def _read_events(path: Path) -> pd.DataFrame:
                         "duration, stim_file) or remove the file if the run presents no story")
     if not pd.api.types.is_numeric_dtype(events["onset"]) or events["onset"].isna().any():
         raise DataError(f"{path}: the onset column must hold numbers in seconds")
+    durations = pd.to_numeric(events["duration"], errors="coerce")
+    negative = events.index[durations < 0]
+    if len(negative):  # stories are timed by their onsets and audio, so this is a warning, not an error
+        log.warning("%s: %d event(s) with a negative duration (row %d: %g s); durations must be >= 0 in BIDS: "
+                    "check how the file was made", path.name, len(negative), int(negative[0]) + 1,
+                    durations[negative[0]])
     return events
 
 
@@ -378,6 +388,7 @@ def _bold_source(dataset: Dataset, cfg: RunConfig, bf) -> BoldSource | None:
     fl = dataset.fmriprep
     volumes = fl.get(**ents, desc="preproc", suffix="bold", extension=_BOLD_EXT)
     surfaces = fl.get(**ents, suffix="bold", extension=".func.gii")
+    grayordinates = fl.get(**ents, suffix="bold", extension=".dtseries.nii")
     tables = fl.get(**ents, desc="confounds", suffix="timeseries", extension=".tsv")
     confounds = Path(tables[0].path) if tables else None
     spaces: dict[str, BoldSource] = {}
@@ -394,6 +405,10 @@ def _bold_source(dataset: Dataset, cfg: RunConfig, bf) -> BoldSource | None:
         if set(hemis) == {"L", "R"}:
             spaces[space] = BoldSource("gifti", (hemis["L"], hemis["R"]), space=space, preprocessed_by="fMRIPrep",
                                        confounds=confounds)
+    for f in grayordinates:  # keyed as fMRIPrep's --output-spaces writes them: fsLR:den-91k
+        space, density = f.entities.get("space", "fsLR"), f.entities.get("den")
+        spaces[f"{space}:den-{density}" if density else space] = BoldSource(
+            "cifti", (Path(f.path),), space=space, density=density, preprocessed_by="fMRIPrep", confounds=confounds)
     half = {space: hemis for space, hemis in by_space.items() if set(hemis) != {"L", "R"}}
     if half and (not spaces or cfg.inputs.space in half):
         space, hemis = next(iter(half.items()))
@@ -404,17 +419,26 @@ def _bold_source(dataset: Dataset, cfg: RunConfig, bf) -> BoldSource | None:
     if not spaces:
         return None
     if cfg.inputs.space:
-        if cfg.inputs.space not in spaces:
-            raise NoDataSelectedError(
-                f"--space {cfg.inputs.space}: {_run_name(Path(bf.path))} has fMRIPrep outputs in "
-                f"{', '.join(sorted(spaces))} only"
-            )
-        return spaces[cfg.inputs.space]
+        return _chosen_space(spaces, cfg.inputs.space, Path(bf.path))
     if len(spaces) > 1:
         raise UsageError(
             f"fMRIPrep outputs exist in several spaces ({', '.join(sorted(spaces))}); choose one with --space"
         )
     return next(iter(spaces.values()))
+
+
+def _chosen_space(spaces: dict[str, BoldSource], wanted: str, path: Path) -> BoldSource:
+    """The output ``--space`` names; ``fsLR`` stands for ``fsLR:den-<d>`` when the run has one density."""
+    if wanted in spaces:
+        return spaces[wanted]
+    densities = [key for key in spaces if key.startswith(f"{wanted}:den-")]
+    if len(densities) == 1:
+        return spaces[densities[0]]
+    if densities:
+        raise UsageError(f"--space {wanted}: {_run_name(path)} has {wanted} outputs at several densities "
+                         f"({', '.join(sorted(densities))}); name one, e.g. --space {sorted(densities)[0]}")
+    raise NoDataSelectedError(f"--space {wanted}: {_run_name(path)} has fMRIPrep outputs in "
+                              f"{', '.join(sorted(spaces))} only")
 
 
 def _raw_mask(path: Path) -> Path | None:
@@ -431,6 +455,8 @@ def _n_volumes(bold: BoldSource, database: Path | None = None) -> int:
     import nibabel as nib
 
     path = bold.paths[0]
+    if bold.kind == "cifti" and path.is_file():
+        return cifti_series(path)[0]
     try:
         img = nib.load(path)
         if bold.kind == "gifti":
@@ -464,6 +490,13 @@ def _repetition_time(metadata: dict, path: Path) -> float:
     if not isinstance(tr, int | float) or not tr > 0:
         raise DataError(f"{path}: no valid RepetitionTime in its JSON sidecar(s) (got {tr!r})")
     return float(tr)
+
+
+def _check_series_step(path: Path, tr: float) -> None:
+    step = cifti_series(path)[1]
+    if abs(step - tr) > 1e-3 * tr:
+        raise DataError(f"{path.name}: its time series steps by {step:g} s but RepetitionTime is {tr:g} s; the file "
+                        "and its sidecar disagree (a resampled or mislabelled file?): fix one of them")
 
 
 def _slice_time_ref(metadata: dict, tr: float) -> float:

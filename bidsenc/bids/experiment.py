@@ -86,7 +86,8 @@ class BoldSource:
     """Where a run's responses come from.
 
     ``kind`` is ``"nifti"`` (volume + optional mask), ``"gifti"`` (left and right
-    hemisphere files) or ``"hdf5"`` (ds003020 preprocessed responses; ``key`` names
+    hemisphere files), ``"cifti"`` (a CIFTI-2 dense time series; ``density`` its ``den``
+    entity) or ``"hdf5"`` (ds003020 preprocessed responses; ``key`` names
     the dataset and ``repeat`` the row of a multi-repeat test file).
     """
 
@@ -99,6 +100,7 @@ class BoldSource:
     preprocessed_by: str | None = None
     #: fMRIPrep's confounds table of the run (``*_desc-confounds_timeseries.tsv``), if any.
     confounds: Path | None = None
+    density: str | None = None
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,7 @@ class Experiment:
                         "repeat": r.bold.repeat,
                         "preprocessed_by": r.bold.preprocessed_by,
                         "confounds": str(r.bold.confounds) if r.bold.confounds else None,
+                        "density": r.bold.density,
                     },
                     "events": str(r.events) if r.events else None,
                     "segments": [{"story": s.story_id, "onset": s.onset} for s in r.segments],

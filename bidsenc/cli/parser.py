@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="preprocessed data, e.g. fmriprep=/data/derivatives/fmriprep "
                    "(default: bids_dir/derivatives/fmriprep when present)")
     g.add_argument("--space", metavar="SPACE",
-                   help="output space of fMRIPrep data to use when several exist (e.g. MNI152NLin2009cAsym, fsaverage6)")
+                   help="output space of fMRIPrep data to use when several exist (e.g. MNI152NLin2009cAsym, fsaverage6, "
+                        "fsLR for CIFTI grayordinates, fsLR:den-91k to choose a density)")
     g.add_argument("--stimuli-dir", type=Path, metavar="DIR",
                    help="folder holding the stimuli (default: bids_dir/stimuli)")
     g.add_argument("--mask", type=Path, metavar="FILE",
@@ -91,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feature cache shared across jobs (default: <work-dir>/feature-cache)")
     g.add_argument("--features-only", action="store_true",
                    help="only compute the features of every story (e.g. one GPU job before participant jobs)")
+    g.add_argument("--force", action="store_true",
+                   help="recompute participants whose outputs are complete (by default a participant written by "
+                        "this version with the same settings is skipped, so that a resubmitted job does only what "
+                        "is left)")
     g.add_argument("--allow-download", action="store_true",
                    help="let models be downloaded from the Hugging Face hub (off: local files only)")
     g.add_argument("--model-dir", type=Path, metavar="DIR",

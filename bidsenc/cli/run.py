@@ -28,7 +28,7 @@ log = logging.getLogger("bidsenc")
 _IO_ERRNOS = {errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 _SECTIONS = {
     "execution": {"work_dir", "feature_cache", "bids_database_dir", "nprocs", "omp_nthreads", "device",
-                  "random_seed", "verbose", "allow_download", "features_only", "model_dir", "reports_only"},
+                  "random_seed", "verbose", "allow_download", "features_only", "model_dir", "reports_only", "force"},
     "models": {"preset", "test_stories", "cv_score", "bootstraps", "bootstrap_chunk_len", "bootstrap_chunks",
                "ceiling_floor", "high_pass", "null_draws", "n_permutations", "data_scaling_seeds", "confounds",
                "save_weights", "banded"},
@@ -139,9 +139,12 @@ def _prepare_outputs(cfg: RunConfig) -> tuple[Path, str]:
     except OSError as err:
         raise OutputError(f"cannot create {err.filename}: {err.strerror}; choose an output_dir and "
                           "work dir you can write to") from None
-    cache = cfg.feature_cache
-    if cache.exists() and not cache.is_dir():
-        raise OutputError(f"feature cache {cache} is a file, not a folder; give --feature-cache a folder")
+    for option, folder in (("--feature-cache", cfg.feature_cache),
+                           ("--bids-database-dir", cfg.execution.bids_database_dir)):
+        problem = _folder_problem(folder) if folder is not None and cfg.inputs.analysis_level == "participant" \
+            else None
+        if problem:
+            raise OutputError(f"{option}: {problem}; give {option} a folder you can write to")
     return logs_dir, run_id
 
 
@@ -195,13 +198,32 @@ def _run(cfg: RunConfig, logs_dir: Path, run_dir: Path) -> None:
 
 
 def _check_writable(cfg: RunConfig, labels: list[str]) -> None:
-    """Output folders that exist but cannot be written: found now, not after hours of fitting."""
+    """Output folders that cannot be written (a file in the way, permissions): found now, not after the fit."""
     out = cfg.inputs.output_dir
-    for folder in [out / f"sub-{label}" for label in labels] + [cfg.feature_cache]:
-        for path in (folder, *folder.glob("ses-*"), *folder.glob("**/func")) if folder.is_dir() else ():
-            if not os.access(path, os.W_OK | os.X_OK):
-                raise OutputError(f"{path} exists but cannot be written to (permissions or a read-only mount); "
-                                  "fix its permissions or choose another output_dir")
+    for label in labels:
+        folder = out / f"sub-{label}"
+        for path in (folder, *folder.glob("ses-*"), *folder.glob("**/func")):
+            problem = _folder_problem(path)
+            if problem:
+                raise OutputError(f"{problem}; move it away or choose another output_dir")
+
+
+def _folder_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be (or become) a folder bidsenc writes into; None when it can.
+
+    The path itself or the first of its parents that exists must be a folder that can be
+    written to: a file in the way, or a read-only folder, is named.
+    """
+    for existing in (path, *path.parents):
+        if existing.exists():
+            break
+    else:
+        return None
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder" + ("" if existing == path else f", so {path} cannot be made in it")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} exists but cannot be written to (permissions or a read-only mount)"
+    return None
 
 
 def _limit_threads(cfg: RunConfig) -> None:

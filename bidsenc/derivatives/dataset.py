@@ -24,6 +24,7 @@ BIDSIGNORE = """\
 # bidsenc outputs the BIDS specification does not cover yet (BEP for statistical maps pending)
 *_statmap.nii.gz
 *_statmap.func.gii
+*_statmap.dscalar.nii
 *_statmap.npy
 *_statmap.json
 *_encoding.npz

@@ -2,8 +2,9 @@
 
 Entities come from the participant's runs: ``ses-`` and ``task-`` only when every
 run shares one (ds003020 and the demo present one story per task, so their maps,
-which pool every story, carry neither), ``space-`` for fMRIPrep's output spaces
-(native-space data carry none, as in fMRIPrep's own BOLD-space outputs).
+which pool every story, carry neither), ``space-`` (and ``den-`` for CIFTI
+grayordinates) for fMRIPrep's output spaces (native-space data carry none, as in
+fMRIPrep's own BOLD-space outputs).
 Labels are alphanumeric, as BIDS requires.
 """
 
@@ -46,8 +47,8 @@ def model_labels(names: list[str]) -> dict[str, str]:
     return out
 
 
-def participant_prefix(participant: str, runs, space: str | None) -> str:
-    """``sub-01[_ses-1][_task-pieman][_space-MNI152NLin2009cAsym]`` for one participant's outputs."""
+def participant_prefix(participant: str, runs, space: str | None, density: str | None = None) -> str:
+    """``sub-01[_ses-1][_task-pieman][_space-MNI152NLin2009cAsym][_den-91k]`` for one participant's outputs."""
     parts = [f"sub-{participant}"]
     sessions = {run.entities.get("session") or run.entities.get("ses") for run in runs}
     if len(sessions) == 1 and None not in sessions:
@@ -57,6 +58,8 @@ def participant_prefix(participant: str, runs, space: str | None) -> str:
         parts.append(f"task-{bids_label(str(tasks.pop()))}")
     if space:
         parts.append(f"space-{bids_label(space)}")
+        if density:
+            parts.append(f"den-{bids_label(density)}")
     return "_".join(parts)
 
 

@@ -103,7 +103,8 @@ def write_participant(result: ParticipantResult, experiment, cfg) -> Path:
     """
     label = result.participant
     space: Space = result.space
-    prefix = participant_prefix(label, experiment.runs, space.name if space.kind != "index" else None)
+    prefix = participant_prefix(label, experiment.runs, space.name if space.kind != "index" else None,
+                                space.density)
     final = cfg.inputs.output_dir / _folder(prefix)
     final.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive(final.parent / LOCK_NAME):
@@ -128,6 +129,26 @@ def _exclusive(lock_path: Path):
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _shared(lock_paths: list[Path]):
+    """Shared locks on ``lock_paths`` for the block: no writer swaps a participant in while it is read.
+
+    A lock file that is absent or cannot be opened (outputs on a read-only mount, where
+    nobody writes) is passed over.
+    """
+    import fcntl
+
+    with contextlib.ExitStack() as stack:
+        for path in lock_paths:
+            try:
+                fh = stack.enter_context(open(path))
+            except OSError:
+                continue
+            fcntl.flock(fh, fcntl.LOCK_SH)
+            stack.callback(fcntl.flock, fh, fcntl.LOCK_UN)
+        yield
 
 
 def _recover(final: Path) -> None:
@@ -167,7 +188,7 @@ def _write_and_swap(result: ParticipantResult, experiment, cfg, prefix: str, fin
                   "Columns": _SUMMARY_COLUMNS, "CeilingThreshold": cfg.outputs.ceiling_threshold,
                   "GeneratedBy": {"Name": "bidsenc", "Version": __version__}, "Participant": label,
                   "Prefix": prefix, "Models": {m.name: writer.labels[m.name] for m in result.models},
-                  "Files": sorted(writer.files)}
+                  "Settings": cfg.results_fingerprint(), "Files": sorted(writer.files)}
         atomic_write_text(staging / f"{prefix}{MARKER_SUFFIX}", json.dumps(marker, indent=2) + "\n")
         _swap_in(staging, final, prefix)
     finally:
@@ -336,6 +357,16 @@ def _space_arrays(space: Space) -> dict:
         out |= {"mask": space.mask, "affine": space.affine}
     if space.n_vertices is not None:
         out["n_vertices"] = np.array(space.n_vertices)
+    if space.brain_models is not None:  # CIFTI: each structure's name and extent, each element's vertex or voxel
+        models = space.brain_models
+        names, counts = np.unique(models.name, return_counts=True)
+        out |= {"cifti_structures": np.array(list(models.nvertices) + list(names)),
+                "cifti_nvertices": np.array(list(models.nvertices.values()), dtype=np.int64),
+                "cifti_element_structure": np.searchsorted(names, models.name).astype(np.int16),
+                "cifti_vertex": models.vertex.astype(np.int32), "cifti_voxel": models.voxel.astype(np.int32),
+                "cifti_density": np.array(space.density or "")}
+        if models.affine is not None:
+            out |= {"cifti_affine": models.affine, "cifti_volume_shape": np.array(models.volume_shape)}
     return out
 
 
@@ -407,6 +438,9 @@ class _Writer:
             img.header.set_xyzt_units("mm")
             base = f"{self.prefix}_desc-{desc}_stat-{stat}_statmap"
             self._write(base + ".nii.gz", gzip.compress(img.to_bytes(), mtime=0))
+        elif self.space.kind == "cifti":
+            base = f"{self.prefix}_desc-{desc}_stat-{stat}_statmap"
+            self._write(base + ".dscalar.nii", dscalar_bytes(self.space, full, f"{desc} {stat}"))
         elif self.space.kind == "surface":
             n_left = self.space.n_vertices[0]
             for hemi, part in (("L", full[:n_left]), ("R", full[n_left:])):
@@ -421,6 +455,16 @@ class _Writer:
             self._write(base + ".npy", buf.getvalue())
             sidecar["Format"] = "float32 vector in the voxel order of the preprocessed response files"
         self._write(base + ".json", (json.dumps(_plain(sidecar), indent=2) + "\n").encode())
+
+
+def dscalar_bytes(space: Space, values: np.ndarray, name: str) -> bytes:
+    """One map over a CIFTI space's grayordinates as a CIFTI-2 dense scalar file (``.dscalar.nii``)."""
+    import nibabel as nib
+
+    img = nib.cifti2.Cifti2Image(np.asarray(values, np.float32)[None, :],
+                                 header=(nib.cifti2.ScalarAxis([name]), space.brain_models))
+    img.nifti_header.set_intent("ConnDenseScalar")
+    return img.to_bytes()
 
 
 def _gifti_bytes(values: np.ndarray) -> bytes:
@@ -454,6 +498,32 @@ def participant_labels(output_dir: Path) -> list[str]:
     return sorted(p.name.removeprefix("sub-") for p in output_dir.glob("sub-*") if p.is_dir())
 
 
+def complete_outputs(output_dir: Path, label: str, settings: str) -> Path | None:
+    """The folder of the participant's outputs when they are complete and would be written again as they are.
+
+    Complete: one analysis whose marker lists files that all exist, written by this
+    bidsenc version with the same settings (``RunConfig.results_fingerprint``). Anything
+    else (none, several analyses, another version or settings, a file missing) is None:
+    the participant is computed again.
+    """
+    sub = output_dir / f"sub-{label}"
+    markers = sorted(sub.glob(f"func/*{MARKER_SUFFIX}")) + sorted(sub.glob(f"ses-*/func/*{MARKER_SUFFIX}"))
+    if len(markers) != 1:
+        return None
+    try:
+        marker = json.loads(markers[0].read_text())
+    except (OSError, ValueError):
+        return None
+    if marker.get("GeneratedBy", {}).get("Version") != __version__ or marker.get("Settings") != settings:
+        return None
+    folder = markers[0].parent
+    if not all((folder / f).is_file() for f in marker.get("Files", [])):
+        return None
+    with _exclusive(folder.parent / LOCK_NAME):  # what killed jobs left beside it goes, as a rewrite would remove it
+        _recover(folder)
+    return folder
+
+
 def read_participant(output_dir: Path, label: str, *, version: str | None = __version__) -> ParticipantResult:
     """Read a participant's outputs back; :class:`PartialOutputError` when they are missing or incomplete.
 
@@ -461,6 +531,11 @@ def read_participant(output_dir: Path, label: str, *, version: str | None = __ve
     A participant with several analyses (e.g. one per session) is refused as ambiguous.
     """
     sub = output_dir / f"sub-{label}"
+    with _shared([sub / LOCK_NAME, *sorted(sub.glob(f"ses-*/{LOCK_NAME}"))]):  # never half of one write, half of another
+        return _read_locked(sub, label, version)
+
+
+def _read_locked(sub: Path, label: str, version: str | None) -> ParticipantResult:
     markers = sorted(sub.glob(f"func/*{MARKER_SUFFIX}")) + sorted(sub.glob(f"ses-*/func/*{MARKER_SUFFIX}"))
     if not markers:
         raise PartialOutputError(f"sub-{label}: no complete outputs in {sub} (the run did not finish)")
@@ -526,7 +601,23 @@ def _space(a: dict) -> Space:
     kind = str(a["kind"])
     n_vertices = tuple(int(x) for x in a["n_vertices"]) if "n_vertices" in a else None
     return Space(kind, int(a["n_voxels"]), str(a["space_name"]) or None, mask=a.get("mask"),
-                 affine=a.get("affine"), n_vertices=n_vertices, voxel_order=str(a["voxel_order"]))
+                 affine=a.get("affine"), n_vertices=n_vertices, voxel_order=str(a["voxel_order"]),
+                 brain_models=_brain_models(a) if "cifti_vertex" in a else None,
+                 density=str(a["cifti_density"]) or None if "cifti_density" in a else None)
 
 
-__all__ = ["MARKER_SUFFIX", "PartialOutputError", "participant_labels", "read_participant", "write_participant"]
+def _brain_models(a: dict):
+    """nibabel's BrainModelAxis back from the arrays :func:`_space_arrays` wrote."""
+    import nibabel as nib
+
+    n_surfaces = len(a["cifti_nvertices"])
+    structures = [str(x) for x in a["cifti_structures"]]
+    names = np.array(structures[n_surfaces:])[a["cifti_element_structure"]]
+    volume = {"affine": a["cifti_affine"], "volume_shape": tuple(int(x) for x in a["cifti_volume_shape"])} \
+        if "cifti_affine" in a else {}
+    return nib.cifti2.BrainModelAxis(name=names, vertex=a["cifti_vertex"], voxel=a["cifti_voxel"],
+                                     nvertices=dict(zip(structures[:n_surfaces], (int(n) for n in a["cifti_nvertices"]),
+                                                        strict=True)), **volume)
+
+
+__all__ = ["MARKER_SUFFIX", "PartialOutputError", "complete_outputs", "participant_labels", "read_participant", "write_participant"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["circular_shift_sd", "fdr_bh", "permutation_pvalues", "pooled_null_pvalues"]
+__all__ = ["circular_shift_sd", "fdr_bh", "permutation_pvalues", "pooled_null_pvalues", "sign_flip_test"]
 
 # Bound on the float64 elements of one working array (2**23 elements = 64 MiB).
 _CHUNK_ELEMENTS = 2**23
@@ -245,6 +245,63 @@ def fdr_bh(pvalues, q: float = 0.05, return_qvalues: bool = False):
     threshold = sorted_p[below[-1]] if below.size else -1.0
     discoveries = (flat <= threshold).reshape(p.shape)
     return (discoveries, qvalues.reshape(p.shape)) if return_qvalues else discoveries
+
+
+def sign_flip_test(values, n_permutations: int = 1000, seed: int = 0, chunk: int = 4096):
+    """One-sample test across participants that each column's mean is above 0, by sign flips.
+
+    Under the null, each participant's value (an r, say) is as likely positive as
+    negative, so flipping signs at random gives the null distribution of the
+    statistic: the one-sample t (studentized, so that columns of different spread are
+    compared fairly). Every one of the ``2**n`` sign patterns is used once when there are
+    no more than ``n_permutations`` of them (the exact test; with n participants the
+    smallest p-value is then ``2**-n``), else ``n_permutations`` random patterns plus
+    the observed one.
+
+    Parameters
+    ----------
+    values : array_like, shape (n_participants, n_columns)
+        One value per participant and column (voxel, vertex), finite.
+    n_permutations : int
+        Most sign patterns drawn.
+    seed : int
+        Seed of the random patterns.
+    chunk : int
+        Columns tested at once (memory: ``n_permutations x chunk`` floats).
+
+    Returns
+    -------
+    t : ndarray, shape (n_columns,)
+        The observed one-sample t (+-inf where all values are equal and not 0).
+    pvalues : ndarray, shape (n_columns,)
+        One-sided: the share of sign patterns, the observed one included, whose t is at
+        least the observed t.
+    n_patterns : int
+        Sign patterns used (the observed one included).
+    """
+    x = np.asarray(values, dtype=np.float64)
+    n = x.shape[0]
+    if n < 2:
+        raise ValueError("a sign-flip test needs two participants or more")
+    if 2 ** n <= n_permutations:
+        bits = (np.arange(2 ** n)[:, None] >> np.arange(n)) & 1
+        signs = 1.0 - 2.0 * bits  # row 0: every sign +1, the observed data
+    else:
+        rng = np.random.default_rng(seed)
+        signs = np.vstack([np.ones(n), rng.choice([-1.0, 1.0], size=(n_permutations, n))])
+    t = np.zeros(x.shape[1])
+    counts = np.zeros(x.shape[1])
+    for start in range(0, x.shape[1], chunk):
+        block = x[:, start:start + chunk]
+        squares = (block ** 2).sum(0)  # unchanged by sign flips
+        means = signs @ block / n
+        variance = np.maximum(squares - n * means ** 2, 0.0) / (n - 1)
+        with np.errstate(divide="ignore", invalid="ignore"):  # equal values: t is +-inf, or 0 when all are 0
+            ts = np.nan_to_num(np.where(variance > 0, means / np.sqrt(variance / n), np.sign(means) * np.inf),
+                               nan=0.0, posinf=np.inf, neginf=-np.inf)
+        t[start:start + chunk] = ts[0]
+        counts[start:start + chunk] = (ts >= ts[0] - 1e-12).sum(0)
+    return t, counts / len(signs), len(signs)
 
 
 def pooled_null_pvalues(real_r, null_r) -> np.ndarray:

@@ -22,7 +22,9 @@ import numpy as np
 import pandas as pd
 
 from .._io import atomic_write_bytes, atomic_write_text
+from ..bids.bold import NATIVE_SPACES
 from ..errors import DataError, MissingInputError
+from ..models.stats import fdr_bh, sign_flip_test
 from ..results import relative_depth
 from . import figures as fig
 from .html import esc, figures, page, para, table
@@ -35,20 +37,21 @@ WHOLE_BRAIN = "whole brain"
 
 def run_group(cfg) -> Path:
     """Summarise every complete participant in ``output_dir``; return the report's path."""
-    from ..derivatives import PartialOutputError, participant_labels, read_participant
+    from ..derivatives import PartialOutputError, read_participant
 
     out = cfg.inputs.output_dir
-    labels = list(cfg.inputs.participant_label) or participant_labels(out)
+    labels = list(cfg.inputs.participant_label) or _known_participants(cfg)
     results, skipped = [], []
     for label in labels:
         try:
             results.append(read_participant(out, label))
         except PartialOutputError as err:
-            log.warning("group level: skipping %s", err)
-            skipped.append(str(err))
+            reason = _why_not(out, label, err)
+            log.warning("group level: skipping %s", reason)
+            skipped.append(reason)
     if not results:
         raise MissingInputError(f"no complete participant outputs in {out}"
-                                + (f" ({len(skipped)} incomplete or from another version)" if skipped else "")
+                                + (f" ({len(skipped)} failed, incomplete or from another version)" if skipped else "")
                                 + "; run the participant level first: bidsenc BIDS_DIR OUTPUT_DIR participant")
     atlas = load_atlas(cfg.outputs.atlas, cfg.outputs.atlas_labels) if cfg.outputs.atlas else None
     threshold = cfg.outputs.ceiling_threshold
@@ -62,12 +65,49 @@ def run_group(cfg) -> Path:
     for name, frame in tables.items():
         atomic_write_text(group_dir / f"desc-{name}_summary.tsv",
                           frame.to_csv(sep="\t", index=False, float_format="%.6g", na_rep="n/a"))
-    maps, map_note = group_maps(results, group_dir)
+    maps, map_notes, significance = group_maps(results, group_dir, n_permutations=cfg.models.n_permutations,
+                                               q=cfg.models.fdr_q, seed=cfg.execution.random_seed)
+    if len(significance):
+        atomic_write_text(group_dir / "desc-groupmaps_summary.tsv",
+                          significance.to_csv(sep="\t", index=False, float_format="%.6g", na_rep="n/a"))
     report = out / "group.html"
     atomic_write_text(report, page(f"bidsenc group report: {len(results)} participants",
-                                   _sections(results, tables, maps, map_note, skipped, atlas, threshold)))
+                                   _sections(results, tables, maps, (map_notes, significance), skipped, atlas,
+                                             threshold)))
     log.info("group report: %s (%d participants, %d skipped)", report, len(results), len(skipped))
     return report
+
+
+def _known_participants(cfg) -> list[str]:
+    """Participants with outputs, a report or a run status in output_dir, and those of the input dataset.
+
+    A participant whose job failed before writing anything still has its status or report,
+    and one whose job never ran is still in the dataset: both are named, not forgotten.
+    """
+    from ..derivatives import participant_labels
+
+    out = cfg.inputs.output_dir
+    labels = set(participant_labels(out))
+    labels |= {p.name.removeprefix("sub-").removesuffix(".html") for p in out.glob("sub-*.html")}
+    labels |= {p.name.removeprefix("status-sub-").removesuffix(".json") for p in (out / "logs").glob("status-sub-*.json")}
+    bids_dir = cfg.inputs.bids_dir
+    if bids_dir is not None and bids_dir.is_dir():
+        labels |= {p.name.removeprefix("sub-") for p in bids_dir.glob("sub-*") if p.is_dir()}
+    return sorted(labels)
+
+
+def _why_not(out: Path, label: str, err: Exception) -> str:
+    """Why a participant is not in the group: its last run's error when it failed, else what is missing."""
+    status = out / "logs" / f"status-sub-{label}.json"
+    try:
+        record = json.loads(status.read_text())
+    except (OSError, ValueError):
+        record = {}
+    if record.get("status") == "failed":
+        return f"sub-{label}: failed ({record.get('error')}); see sub-{label}.html and logs/"
+    if not (out / f"sub-{label}").is_dir() and not record:
+        return f"sub-{label}: no outputs (its participant job has not run, or was killed before writing anything)"
+    return str(err)
 
 
 # --------------------------------------------------------------------------- regions
@@ -226,70 +266,133 @@ def _against_baselines(results) -> pd.DataFrame:
 
 # --------------------------------------------------------------------------- group maps
 
-def group_maps(results, group_dir: Path) -> tuple[dict, str]:
-    """Mean maps when every participant is in one template space; else none and why.
+def group_maps(results, group_dir: Path, *, n_permutations: int = 1000, q: float = 0.05,
+               seed: int = 0) -> tuple[dict, list[str], pd.DataFrame]:
+    """Group maps in every template space that two participants or more share; else none and why.
 
-    Each participant's vector is put back into the space's grid with its own mask (masks
-    differ between people even on one template grid) before averaging, voxel by voxel,
-    over the participants fitted there. Returns {(model, stat): (space, values)}.
+    Participants are grouped by space: one volume template grid (MNI), one surface mesh
+    (fsaverage5/6/7 GIfTI) or one set of CIFTI grayordinates (fsLR). In each group,
+    every model's held-out r (and CC_norm) is averaged voxel by voxel over the
+    participants fitted there (each participant's vector is first put back on the
+    shared grid with its own mask), and r is tested against 0 across participants
+    with a sign-flip one-sample t test on the voxels every participant has, with
+    FDR over those voxels. Files go to ``group/`` named by space and model.
+
+    Returns ``({(space label, model, stat): (space, values)}, notes, significance table)``.
     """
-    from ..bids.bold import NATIVE_SPACES, Space
+    groups: dict[tuple, list] = {}
+    for r in results:
+        groups.setdefault(_grid(r.space), []).append(r)
+    out, notes, rows = {}, [], []
+    for members in groups.values():
+        first = members[0].space
+        who = ", ".join(f"sub-{r.participant}" for r in members)
+        if first.kind == "index" or first.name in NATIVE_SPACES:
+            notes.append(f"{who}: in {'their' if len(members) > 1 else 'its'} own native space, no group map "
+                         "(region-level and whole-brain summaries only).")
+            continue
+        label = _space_label(first)
+        if len(members) < 2:
+            notes.append(f"{who}: the only participant in {label}, no group map there.")
+            continue
+        space, on_grid = _shared_grid(members)
+        models = [m.name for m in members[0].models if all(any(x.name == m.name for x in r.models) for r in members)]
+        for model in models:
+            r_maps = [on_grid(r, r.model(model).score_r) for r in members]
+            stats = {"r": r_maps}
+            if all(r.cc_max is not None for r in members):
+                stats["ccnorm"] = [on_grid(r, r.model(model).score("cc_norm", r.cc_max)) for r in members]
+            for stat, pairs in stats.items():
+                total, n = np.sum([v for v, _ in pairs], axis=0), np.sum([f for _, f in pairs], axis=0)
+                mean = np.where(n > 0, total / np.maximum(n, 1), 0.0).astype(np.float32)
+                out[(label, model, stat)] = (space, mean)
+                _write_group_map(group_dir, space, model, stat, mean, f"mean over the {len(members)} participants "
+                                 f"fitted at each {_unit(space)} of their held-out {stat} (the best layer's with a "
+                                 "test story, the nested score without one)")
+            common = np.logical_and.reduce([f > 0 for _, f in r_maps])
+            t = np.zeros(space.n_voxels, np.float32)
+            logp = np.zeros(space.n_voxels, np.float32)
+            significant = np.zeros(space.n_voxels, np.float32)
+            n_patterns = 0
+            if common.any():
+                t_common, p, n_patterns = sign_flip_test(np.stack([v[common] for v, _ in r_maps]), n_permutations,
+                                                         seed)
+                t[common], logp[common] = np.clip(t_common, -1e6, 1e6), -np.log10(p)
+                significant[common] = fdr_bh(p, q)
+            how = (f"one-sample t of r across the {len(members)} participants, tested against 0 by sign flips "
+                   f"({'all ' if n_patterns == 2 ** len(members) else ''}{n_patterns} sign patterns; the smallest "
+                   f"possible p is {1 / max(n_patterns, 1):.3g}), on the {int(common.sum())} {_unit(space)}s every "
+                   "participant has")
+            for stat, values, text in (("t", t, how), ("logp", logp, "-log10 p of the " + how),
+                                       ("fdr", significant, f"1 where FDR q={q:g} (Benjamini-Hochberg over the "
+                                                            f"tested {_unit(space)}s) is met by the " + how)):
+                _write_group_map(group_dir, space, model, stat, values, text)
+            out[(label, model, "fdr")] = (space, np.where(significant > 0, out[(label, model, "r")][1], 0.0))
+            rows.append({"space": label, "model": model, "n_participants": len(members),
+                         "n_tested": int(common.sum()), "n_sign_patterns": n_patterns,
+                         "n_significant": int(significant.sum()),
+                         "fraction_significant": float(significant[common].mean()) if common.any() else np.nan,
+                         "mean_r": float(out[(label, model, "r")][1][common].mean()) if common.any() else np.nan})
+        notes.append(f"{label}: group maps of {len(members)} participants ({who}); each {_unit(space)}'s mean over "
+                     f"the participants fitted there, and a sign-flip test of r > 0 across participants with FDR "
+                     f"q={q:g}.")
+    return out, notes, pd.DataFrame(rows)
 
-    spaces = {(r.space.kind, r.space.name, _grid(r.space)) for r in results}
-    if len(spaces) != 1:
-        return {}, ("Participants are in different spaces (native spaces, as in ds003020, or several templates): "
-                    "no group maps; region-level and whole-brain summaries only.")
-    kind, name, _ = spaces.pop()
-    if kind == "index" or name in NATIVE_SPACES:
-        return {}, ("Participants are in their own native spaces: no group maps; region-level and whole-brain "
-                    "summaries only.")
-    first = results[0].space
-    if kind == "volume":
-        union = np.logical_or.reduce([r.space.to_volume(r.valid.astype(np.float32)) > 0 for r in results])
-        space = Space("volume", int(union.sum()), name, mask=union, affine=first.affine)
 
-        def on_grid(r, values):
-            return r.space.to_volume(r.full(values))[union], r.space.to_volume(r.valid.astype(np.float32))[union]
-    else:
-        space = first
+def _space_label(space) -> str:
+    return f"{space.name} (den {space.density})" if space.density else str(space.name)
+
+
+def _unit(space) -> str:
+    return {"volume": "voxel", "surface": "vertex", "cifti": "grayordinate"}.get(space.kind, "voxel")
+
+
+def _shared_grid(members):
+    """The group's space, and a function putting a participant's vector on it (values, 1 where fitted)."""
+    from ..bids.bold import Space
+
+    first = members[0].space
+    if first.kind != "volume":  # meshes and grayordinates: every participant has every column
 
         def on_grid(r, values):
             return r.full(values), r.valid.astype(np.float32)
-    out = {}
-    for model in results[0].models:
-        if not all(any(m.name == model.name for m in r.models) for r in results):
-            continue
-        for stat, key in (("r", "r"), ("ccnorm", "cc_norm")):
-            if key == "cc_norm" and any(r.cc_max is None for r in results):
-                continue
-            pairs = [on_grid(r, r.model(model.name).score(key, r.cc_max)) for r in results]
-            total, n = np.sum([p[0] for p in pairs], axis=0), np.sum([p[1] for p in pairs], axis=0)
-            mean = np.where(n > 0, total / np.maximum(n, 1), 0.0).astype(np.float32)
-            out[(model.name, stat)] = (space, mean)
-            _write_group_map(group_dir, space, model.name, stat, mean, len(results))
-    return out, (f"Group maps: mean over {len(results)} participants in {name}, each voxel over the participants "
-                 "fitted there.")
+        return first, on_grid
+    union = np.logical_or.reduce([r.space.to_volume(r.valid.astype(np.float32)) > 0 for r in members])
+    space = Space("volume", int(union.sum()), first.name, mask=union, affine=first.affine)
+
+    def on_grid(r, values):
+        return r.space.to_volume(r.full(values))[union], r.space.to_volume(r.valid.astype(np.float32))[union]
+    return space, on_grid
 
 
 def _grid(space):
+    """What participants must share for their maps to be averaged column by column."""
     if space.kind == "volume":
-        return (space.mask.shape, tuple(np.round(space.affine, 3).ravel()))
+        return ("volume", space.name, space.mask.shape, tuple(np.round(space.affine, 3).ravel()))
     if space.kind == "surface":
-        return tuple(space.n_vertices)
-    return space.n_voxels
+        return ("surface", space.name, tuple(space.n_vertices))
+    if space.kind == "cifti":
+        models = space.brain_models
+        return ("cifti", space.name, space.density, len(models), hash(models.vertex.tobytes()),
+                hash(models.voxel.tobytes()), tuple(models.nvertices.items()))
+    return ("index", space.name, space.n_voxels)
 
 
-def _write_group_map(group_dir: Path, space, model: str, stat: str, values: np.ndarray, n: int) -> None:
+def _write_group_map(group_dir: Path, space, model: str, stat: str, values: np.ndarray, description: str) -> None:
     from ..derivatives.naming import bids_label
 
-    base = f"space-{bids_label(space.name)}_desc-{bids_label(model)}_stat-{stat}_statmap"
-    sidecar = {"Description": f"mean over {n} participants of each one's held-out {stat} of the model (the best "
-                              "layer's with a test story, the nested score without one)", "Model": model}
+    entities = f"space-{bids_label(space.name)}" + (f"_den-{bids_label(space.density)}" if space.density else "")
+    base = f"{entities}_desc-{bids_label(model)}_stat-{stat}_statmap"
+    sidecar = {"Description": description, "Model": model, "Statistic": stat}
     if space.kind == "volume":
         import nibabel as nib
 
         img = nib.Nifti1Image(space.to_volume(values), space.affine)
         atomic_write_bytes(group_dir / f"{base}.nii.gz", gzip.compress(img.to_bytes(), mtime=0))
+    elif space.kind == "cifti":
+        from ..derivatives.participant import dscalar_bytes
+
+        atomic_write_bytes(group_dir / f"{base}.dscalar.nii", dscalar_bytes(space, values, f"{model} {stat}"))
     else:
         from ..derivatives.participant import _gifti_bytes
 
@@ -301,7 +404,7 @@ def _write_group_map(group_dir: Path, space, model: str, stat: str, values: np.n
 
 # --------------------------------------------------------------------------- report
 
-def _sections(results, tables, maps, map_note, skipped, atlas, threshold) -> list[tuple[str, str, str]]:
+def _sections(results, tables, maps, map_info, skipped, atlas, threshold) -> list[tuple[str, str, str]]:
     models, regions, sizes = tables["models"], tables["regions"], tables["sizescaling"]
     out = []
     joint = models["model"].isin(["stacked", "banded"])  # combinations of models, not models
@@ -432,11 +535,27 @@ def _sections(results, tables, maps, map_note, skipped, atlas, threshold) -> lis
             + table(tables["stacking"].groupby("region")[["stacked_r", "best_single_r", "gain"]].mean().reset_index(),
                     "{:.4f}")))
 
-    map_parts = []
-    for (model, stat), (space, values) in maps.items():
-        map_parts.append(fig.brain_map(space, values, f"{model}: mean {stat}", vmax=1.0 if stat == "ccnorm" else None))
-    out.append(("maps", "Group maps", para(map_note, "note") + figures(*map_parts)))
+    out.append(("maps", "Group maps", _maps_section(maps, *map_info)))
     return out
+
+
+def _maps_section(maps: dict, notes: list[str], significance: pd.DataFrame) -> str:
+    """Per space: each model's mean r, its CC_norm, and the best model's r where the group test is significant."""
+    parts = [para(note, "note") for note in notes]
+    if len(significance):
+        parts.append(table(significance, "{:.4f}"))
+    for label in dict.fromkeys(key[0] for key in maps):
+        here = significance[significance["space"] == label]
+        best = here.sort_values("mean_r", ascending=False)["model"].iloc[0] if len(here) else None
+        drawn = []
+        for (space_label, model, stat), (space, values) in maps.items():
+            if space_label != label or (stat == "fdr" and model != best):
+                continue
+            title = {"r": f"{model}: mean r", "ccnorm": f"{model}: mean CC_norm",
+                     "fdr": f"{model}: mean r where r > 0 across participants (FDR)"}[stat]
+            drawn.append(fig.brain_map(space, values, f"{title} ({label})", vmax=1.0 if stat == "ccnorm" else None))
+        parts.append(figures(*drawn))
+    return "".join(parts)
 
 
 def _scaling_figure(table: pd.DataFrame, x: str, y: str, title: str, xlabel: str, ylabel: str, fit_row) -> str:

@@ -7,6 +7,8 @@ that were found and the error.
 
 from __future__ import annotations
 
+import functools
+
 import logging
 from pathlib import Path
 
@@ -41,7 +43,7 @@ def write_participant_report(output_dir: Path, label: str, experiment: dict | No
         except PartialOutputError as err:
             sections.append(("error", "Outputs", f'<div class="error">{esc(err)}</div>'))
         else:
-            sections += _result_sections(result)
+            sections += _result_sections(result, _own_meshes(result.space, experiment))
     sections.append(("warnings", "Warnings", "".join(f'<div class="warn">{esc(w)}</div>' for w in warnings)
                      or para("No warnings.", "note")))
     path = output_dir / f"sub-{label}.html"
@@ -66,7 +68,18 @@ def _data_section(exp: dict) -> str:
     return "\n".join(parts)
 
 
-def _result_sections(result) -> list[tuple[str, str, str]]:
+def _own_meshes(space, experiment: dict | None) -> dict | None:
+    """The participant's own fMRIPrep surfaces that fit its surface or CIFTI data, if any."""
+    if space.kind not in ("surface", "cifti") or not experiment:
+        return None
+    from ..bids.surfaces import find_surface_meshes
+
+    paths = [Path(path) for run in experiment["runs"] for path in run["bold"]["paths"]]
+    return find_surface_meshes(paths, space.n_vertices, space.name)
+
+
+def _result_sections(result, meshes: dict | None = None) -> list[tuple[str, str, str]]:
+    draw = functools.partial(fig.brain_map, meshes=meshes)  # on the participant's own surfaces when found
     info, space = result.responses, result.space
     outer = str(info.get("scoring", "")).startswith("outer")
     score = "outer-CV r" if outer else "test r"  # what r was computed on
@@ -123,10 +136,10 @@ def _result_sections(result) -> list[tuple[str, str, str]]:
             return f"{m.name}, nested (folds chose layer {m.best_layer} most)"
         return f"{m.name}, layer {m.best_layer}"
 
-    maps = [fig.brain_map(space, result.full(m.score_r), f"{_title(m)}: {score}") for m in result.models]
+    maps = [draw(space, result.full(m.score_r), f"{_title(m)}: {score}") for m in result.models]
     top = max(result.models, key=lambda m: float(m.score_r.mean())) if result.models else None
     if top is not None and ceiling is not None:
-        maps.append(fig.brain_map(space, result.full(top.score("cc_norm", ceiling)), f"{_title(top)}: CC_norm",
+        maps.append(draw(space, result.full(top.score("cc_norm", ceiling)), f"{_title(top)}: CC_norm",
                                   vmax=1.0))
     shown = [m for m in maps if m]
     if shown:
@@ -154,7 +167,7 @@ def _result_sections(result) -> list[tuple[str, str, str]]:
         intersubject = result.ceiling_kind == "intersubject"
         name = "inter-subject ceiling" if intersubject else "CC_max"
         parts = [fig.histogram({name: ceiling}, "noise ceiling", name),
-                 fig.brain_map(space, result.full(ceiling), f"noise ceiling ({name})", vmax=1.0)]
+                 draw(space, result.full(ceiling), f"noise ceiling ({name})", vmax=1.0)]
         if top is not None:
             parts.append(fig.scatter(ceiling, top.score_r, f"{top.name}: {score} against the ceiling", name,
                                      score, diagonal=True))
@@ -172,7 +185,7 @@ def _result_sections(result) -> list[tuple[str, str, str]]:
             "voxel (chosen by cross-validated training score).") + _figs(
             fig.bars(list(s.names), s.weights.mean(1), "mean stacking weight", "weight"),
             fig.histogram({"stacked": s.r, "best single model": best_single}, "stacked vs single", "test r"),
-            fig.brain_map(space, result.full(s.r), "stacked model: test r"))))
+            draw(space, result.full(s.r), "stacked model: test r"))))
 
     if result.banded is not None:
         b = result.banded
@@ -180,7 +193,7 @@ def _result_sections(result) -> list[tuple[str, str, str]]:
             f"Joint fit of the best layers: mean test r {b.r.mean():.3f}; each model's share of the test R^2 "
             "(himalaya r2_score_split) below.") + _figs(
             fig.bars(list(b.names), b.r2_split.mean(1), "share of test R^2 per model", "mean R^2 share"),
-            fig.brain_map(space, result.full(b.r), "banded ridge: test r"))))
+            draw(space, result.full(b.r), "banded ridge: test r"))))
 
     if not result.data_scaling.empty:
         ds = result.data_scaling
