@@ -23,15 +23,11 @@ def shared(*parts: str) -> Path:
 
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory):
-    """The demo dataset (without models), generated once per test session.
-
-    Its two volume participants only (MNI152 grid): the surface participant of ``bidsenc-demo``
-    would triple the fitting time of every test that uses this; tests/test_demo.py runs it.
-    """
+    """The demo dataset (without models), generated once per test session."""
     from bidsenc.synth import make_demo
 
     root = tmp_path_factory.mktemp("demo")
-    truth = make_demo(root, seed=0, n_participants=2, with_models=False)
+    truth = make_demo(root, seed=0, with_models=False)
     return root, truth
 
 

@@ -260,6 +260,7 @@ def test_group_maps_on_grayordinates_and_on_fsaverage5_with_a_sign_flip_test(gro
     assert "sub-04: no outputs (its participant job has not run" in (group / "fsaverage5" / "group.html").read_text()
     maps = report[report.index('id="maps"'):]
     assert "fsLR (den 91k): group maps of 3 participants" in maps and maps.count("<img") >= 2
+    assert "no voxel is significant across participants (FDR)" in maps  # 3 participants: p >= 1/8
     # fsaverage5: GIfTI pairs, every vertex of the mesh, drawn on nilearn's bundled mesh
     left = group / "fsaverage5" / "group" / "hemi-L_space-fsaverage5_desc-lowlevelWordRate_stat-r_statmap.func.gii"
     values = nib.load(left).darrays[0].data

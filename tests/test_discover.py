@@ -30,7 +30,7 @@ def test_demo_discovery_matches_truth(demo, tmp_path):
     assert select_participants(dataset, cfg) == truth["participants"]
     for label, subject in truth["subjects"].items():
         exp = discover(dataset, cfg, label).to_dict()
-        assert exp["layout"] == "fmriprep"  # the demo's BOLD is in ds/derivatives/fmriprep
+        assert exp["layout"] == "raw"
         found = {r["name"]: r for r in exp["runs"]}
         assert sorted(found) == sorted(r["name"] for r in subject["runs"])
         for run in subject["runs"]:

@@ -551,6 +551,10 @@ def _maps_section(maps: dict, notes: list[str], significance: pd.DataFrame) -> s
         for (space_label, model, stat), (space, values) in maps.items():
             if space_label != label or (stat == "fdr" and model != best):
                 continue
+            if stat == "fdr" and not np.any(values):  # e.g. 2 participants: no p below 1/4
+                parts.append(para(f"{model} ({label}): no voxel is significant across participants (FDR), so "
+                                  "no map of them is drawn.", "note"))
+                continue
             title = {"r": f"{model}: mean r", "ccnorm": f"{model}: mean CC_norm",
                      "fdr": f"{model}: mean r where r > 0 across participants (FDR)"}[stat]
             drawn.append(fig.brain_map(space, values, f"{title} ({label})", vmax=1.0 if stat == "ccnorm" else None))
