@@ -288,7 +288,7 @@ def group_maps(results, group_dir: Path, *, n_permutations: int = 1000, q: float
         first = members[0].space
         who = ", ".join(f"sub-{r.participant}" for r in members)
         if first.kind == "index" or first.name in NATIVE_SPACES:
-            notes.append(f"{who}: in {'their' if len(members) > 1 else 'its'} own native space, no group map "
+            notes.append(f"{who}: in {'their' if len(members) > 1 else 'its'} own native spaces, no group map "
                          "(region-level and whole-brain summaries only).")
             continue
         label = _space_label(first)
