@@ -498,6 +498,11 @@ def participant_labels(output_dir: Path) -> list[str]:
     return sorted(p.name.removeprefix("sub-") for p in output_dir.glob("sub-*") if p.is_dir())
 
 
+def _markers(sub: Path) -> list[Path]:
+    """The completion markers of a participant folder: one per analysis, with or without sessions."""
+    return sorted(sub.glob(f"func/*{MARKER_SUFFIX}")) + sorted(sub.glob(f"ses-*/func/*{MARKER_SUFFIX}"))
+
+
 def complete_outputs(output_dir: Path, label: str, settings: str) -> Path | None:
     """The folder of the participant's outputs when they are complete and would be written again as they are.
 
@@ -507,7 +512,7 @@ def complete_outputs(output_dir: Path, label: str, settings: str) -> Path | None
     the participant is computed again.
     """
     sub = output_dir / f"sub-{label}"
-    markers = sorted(sub.glob(f"func/*{MARKER_SUFFIX}")) + sorted(sub.glob(f"ses-*/func/*{MARKER_SUFFIX}"))
+    markers = _markers(sub)
     if len(markers) != 1:
         return None
     try:
@@ -536,7 +541,7 @@ def read_participant(output_dir: Path, label: str, *, version: str | None = __ve
 
 
 def _read_locked(sub: Path, label: str, version: str | None) -> ParticipantResult:
-    markers = sorted(sub.glob(f"func/*{MARKER_SUFFIX}")) + sorted(sub.glob(f"ses-*/func/*{MARKER_SUFFIX}"))
+    markers = _markers(sub)
     if not markers:
         raise PartialOutputError(f"sub-{label}: no complete outputs in {sub} (the run did not finish)")
     if len(markers) > 1:
