@@ -23,11 +23,11 @@ def shared(*parts: str) -> Path:
 
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory):
-    """The demo dataset (without models), generated once per test session."""
+    """The raw-layout demo dataset (no models): quick to fit, BOLD in raw BIDS; generated once per session."""
     from bidsenc.synth import make_demo
 
     root = tmp_path_factory.mktemp("demo")
-    truth = make_demo(root, seed=0, with_models=False)
+    truth = make_demo(root, seed=0, with_models=False, layout="raw")
     return root, truth
 
 

@@ -157,7 +157,7 @@ def demo(tmp_path_factory):
     from bidsenc.synth import make_demo
 
     root = tmp_path_factory.mktemp("slurm-demo")
-    make_demo(root, with_models=True, n_participants=2)
+    make_demo(root, with_models=True, layout="raw")
     labels = json.loads((root / "truth.json").read_text())["participants"][:2]
     # the demo's settings with two of its language models (no Whisper): minutes less per run
     import tomllib

@@ -1,6 +1,7 @@
 """``bidsenc-demo DIR``: generate the demo dataset and run bidsenc on it.
 
-Writes ``DIR/ds`` (BIDS), ``DIR/truth.json``, tiny local models in ``DIR/models``
+Writes ``DIR/ds`` (BIDS, with the BOLD in ``ds/derivatives/fmriprep``: two participants
+on the MNI152 grid, one on fsaverage5), ``DIR/truth.json``, tiny local models in ``DIR/models``
 and the outputs in ``DIR/out``, compares what bidsenc found with the truth, and
 ends with the group-level scaling report ``DIR/out/group.html``.
 """
@@ -35,6 +36,8 @@ def compare_with_truth(truth: dict, logs_dir: Path) -> list[str]:
         runs = {r["name"]: r for r in found["runs"]}
         if sorted(runs) != sorted(r["name"] for r in subject["runs"]):
             problems.append(f"sub-{label}: runs differ")
+        if subject.get("space") and any(r.get("bold", {}).get("space") != subject["space"] for r in found["runs"]):
+            problems.append(f"sub-{label}: BOLD not read in {subject['space']}")
         for expected in subject["runs"]:
             got = runs.get(expected["name"])
             if got and (got["n_volumes"] != expected["n_volumes"] or got["segments"] != expected["segments"]):
@@ -43,8 +46,9 @@ def compare_with_truth(truth: dict, logs_dir: Path) -> list[str]:
             problems.append(f"sub-{label}: repeats {found['repeats']} != {subject['repeats']}")
         if sorted(s["name"] for s in found["skipped"]) != sorted(subject["skipped"]):
             problems.append(f"sub-{label}: skipped runs differ")
+        heard = {segment["story"] for run in subject["runs"] for segment in run["segments"]}
         for sid, story in truth["stories"].items():
-            if found["stories"].get(sid, {}).get("n_words") != story["n_words"]:
+            if sid in heard and found["stories"].get(sid, {}).get("n_words") != story["n_words"]:
                 problems.append(f"sub-{label}: story {sid} word count differs")
     return problems
 
@@ -79,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         make_demo(directory, seed=args.seed)
         print(f"bidsenc-demo: dataset, ground truth and tiny models written in {time.perf_counter() - t0:.0f} s")
     truth = json.loads(truth_path.read_text())
-    print("bidsenc-demo: participant level: features of 5 models (cached for the second participant), "
+    spaces = ", ".join(f"sub-{label} in {subject.get('space', 'its own space')}"
+                       for label, subject in truth["subjects"].items())
+    print(f"bidsenc-demo: participant level ({spaces}): features of 5 models (computed once, then cached), "
           "encoding models, maps and reports ...", flush=True)
     t0 = time.perf_counter()
     code = bidsenc_main([str(directory / "ds"), str(directory / "out"), "participant",

@@ -1,7 +1,7 @@
 """Figures for the reports, returned as self-contained ``<img>`` tags (PNG embedded as base64).
 
 Matplotlib runs headless (Agg); every function closes its figure. Brain maps are drawn in
-the data's own space: volumes as a glass brain or slices, surface and CIFTI cortex data as
+the data's own space: volumes as axial slices (over nilearn's MNI152 template in an MNI space), surface and CIFTI cortex data as
 lateral and medial views on a mesh with the data's vertices (the participant's own
 fMRIPrep surfaces, or nilearn's bundled fsaverage5; nothing is downloaded), or, with no
 such mesh, as the vertices in index order, titled as such.
@@ -62,9 +62,10 @@ def brain_map(space, values: np.ndarray, title: str, *, vmax: float | None = Non
     Returns
     -------
     str or None
-        Volumes: a glass brain (MNI) or slices. Surfaces and CIFTI cortex: lateral and medial
-        views of each hemisphere on the first mesh that fits (``meshes``, else nilearn's
-        bundled fsaverage5), else the vertices in index order as a flat raster that says so.
+        Volumes: axial slices (over the MNI152 template in an MNI space). Surfaces and CIFTI
+        cortex: lateral and medial views of each hemisphere on the first mesh that fits
+        (``meshes``, else nilearn's bundled fsaverage5), else the vertices in index order as a
+        flat raster that says so.
         None when the space has no geometry (ds003020's voxel order).
     """
     values = np.nan_to_num(np.asarray(values, dtype=np.float32))
@@ -76,6 +77,8 @@ def brain_map(space, values: np.ndarray, title: str, *, vmax: float | None = Non
 
 #: At most this many voxels are drawn as bars instead of a map (region or parcel time series).
 MAX_BAR_VOXELS = 60
+#: Axial slices (MNI z, mm) of a map in an MNI space: temporal lobe to the parietal and frontal language areas.
+MNI_AXIAL_CUTS = (-18, -6, 6, 18, 30, 42, 54)
 
 
 def _brain_map(space, values, title, vmax, cmap, meshes) -> str | None:
@@ -89,8 +92,14 @@ def _brain_map(space, values, title, vmax, cmap, meshes) -> str | None:
         img = nib.Nifti1Image(space.to_volume(values), space.affine)
         fig = plt.figure(figsize=(11, 3))
         if str(space.name or "").startswith("MNI"):
-            plotting.plot_glass_brain(img, figure=fig, title=title, colorbar=True, vmax=vmax, vmin=0,
-                                      cmap=cmap, plot_abs=False, threshold=vmax / 10)
+            # axial slices through the language network over nilearn's bundled MNI152 template: a
+            # glass brain's maximum projection turns a coarse, noisy map into speckle
+            from nilearn.datasets import load_mni152_template
+
+            plotting.plot_stat_map(img, bg_img=load_mni152_template(resolution=2), figure=fig, title=title,
+                                   display_mode="z", cut_coords=MNI_AXIAL_CUTS, colorbar=True, vmin=0, vmax=vmax,
+                                   symmetric_cbar=False, cmap=cmap, threshold=vmax / 10, annotate=False,
+                                   draw_cross=False)
         else:  # native space: slices without an anatomical background
             plotting.plot_stat_map(img, bg_img=None, figure=fig, title=title, display_mode="z",
                                    cut_coords=min(7, img.shape[2]), colorbar=True, vmax=vmax, cmap=cmap,
@@ -189,7 +198,7 @@ class _Scale:
     def of(cls, values: np.ndarray, vmax: float, cmap: str) -> _Scale:
         threshold = vmax / 10
         # Two-sided only when negative values are a real part of the map (a quarter of those painted),
-        # not the scatter of scores below chance; as the glass brain, a one-sided scale paints none.
+        # not the scatter of scores below chance; as the volume slices, a one-sided scale paints none.
         painted = np.abs(values) >= threshold
         two_sided = np.count_nonzero(values <= -threshold) > 0.25 * max(np.count_nonzero(painted), 1)
         return cls(-vmax if two_sided else 0.0, vmax, threshold, cmap)
