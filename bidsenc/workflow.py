@@ -22,14 +22,11 @@ def participant(cfg: RunConfig, dataset: Dataset, label: str, logs_dir: Path, ru
     so the report says what was found and what went wrong.
     """
     from .bids.bold import check_mask
-    from .derivatives import complete_outputs, write_dataset_files, write_participant
+    from .derivatives import write_dataset_files, write_participant
     from .fit import check_memory_early, fit_participant
 
     out = cfg.inputs.output_dir
-    done = None if cfg.execution.force else complete_outputs(out, label, cfg.results_fingerprint())
-    if done is not None:
-        log.info("sub-%s: outputs complete in %s (this version, same settings): skipped; --force recomputes them",
-                 label, done)
+    if not cfg.execution.force and _complete_already(cfg, dataset, label):
         return
     warnings = _WarningCollector()
     logging.getLogger("bidsenc").addHandler(warnings)
@@ -60,6 +57,26 @@ def participant(cfg: RunConfig, dataset: Dataset, label: str, logs_dir: Path, ru
         _record_status(logs_dir, label, error)
         if cfg.outputs.reports:
             _participant_report(out, label, experiment, warnings.messages, error)
+
+
+def _complete_already(cfg: RunConfig, dataset: Dataset, label: str) -> bool:
+    """Whether the participant's outputs are complete, from this version, settings and input files."""
+    from .derivatives import complete_outputs
+
+    out, settings = cfg.inputs.output_dir, cfg.results_fingerprint()
+    if complete_outputs(out, label, settings) is None:
+        return False
+    try:
+        inputs = discover(dataset, cfg, label).inputs_fingerprint()
+    except BidsencError:  # the run that follows says what is wrong
+        return False
+    done = complete_outputs(out, label, settings, inputs)
+    if done is None:
+        log.info("sub-%s: its input files changed since its outputs were written: computed again", label)
+        return False
+    log.info("sub-%s: outputs complete in %s (this version, same settings and input files): skipped; --force "
+             "recomputes them", label, done)
+    return True
 
 
 def _record_status(logs_dir: Path, label: str, error: str | None) -> None:

@@ -487,6 +487,9 @@ def test_sign_flip_test_is_exact_for_few_participants_and_calibrated_for_many():
     brute = np.array([(stats.ttest_1samp(flips * x[:, [j]].T, 0, axis=1).statistic >= t[j] - 1e-12).mean()
                       for j in range(x.shape[1])])
     np.testing.assert_allclose(p, brute)
+    # 31 draws and the observed pattern would be 32: the exact test instead, in any chunks
+    assert sign_flip_test(x, n_permutations=31)[2] == 32 and sign_flip_test(x, n_permutations=30)[2] == 31
+    np.testing.assert_array_equal(sign_flip_test(x, n_permutations=31, chunk=7)[1], p)
     # equal values: +inf for a positive mean (p = 1/32), and nothing to find in zeros
     t, p, _ = sign_flip_test(np.stack([np.full(5, 0.3), np.zeros(5)], axis=1), n_permutations=1000)
     assert np.isposinf(t[0]) and p[0] == pytest.approx(1 / 32) and t[1] == 0 and p[1] == 1

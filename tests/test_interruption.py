@@ -151,6 +151,20 @@ def test_complete_participants_are_skipped_unless_settings_change_or_force(basel
     assert "outputs complete" not in _run(None, _args(ds, out, work) + ["--n-permutations", "30"]).stderr
 
 
+def test_a_participant_is_computed_again_when_its_input_files_change(baseline, tmp_path):
+    """Same settings, new data (a BOLD file rewritten by another fMRIPrep run): not skipped as complete."""
+    ds, out, work = tmp_path / "ds", tmp_path / "out", tmp_path / "work"
+    shutil.copytree(baseline[0], ds)
+    assert _run(None, _args(ds, out, work)).returncode == 0
+    assert "sub-01: outputs complete in" in _run(None, _args(ds, out, work)).stderr
+    bold = next((ds / "sub-01").rglob("*_bold.nii.gz"))
+    os.utime(bold, ns=(bold.stat().st_atime_ns, bold.stat().st_mtime_ns + 10**9))
+    again = _run(None, _args(ds, out, work))
+    assert again.returncode == 0 and "outputs complete" not in again.stderr
+    assert "sub-01: its input files changed since its outputs were written: computed again" in again.stderr
+    assert "sub-01: outputs complete in" in _run(None, _args(ds, out, work)).stderr  # and kept from then on
+
+
 def test_two_writers_of_one_participant_take_turns(tmp_path):
     """The swap is exclusive: two jobs writing the same participant at once never mix or crash."""
     from concurrent.futures import ThreadPoolExecutor

@@ -243,7 +243,13 @@ def test_group_skips_partial_and_foreign_participants(written, tmp_path, caplog)
     copy = _copy(out, tmp_path)
     next(_func(copy, "02").glob("*oracleFull_encoding.npz")).unlink()  # a participant with a file missing
     (copy / "sub-03" / "func").mkdir(parents=True)  # one that never finished
+    # a map of an earlier group run, when sub-02 was complete: not left beside this run's tables
+    stale = copy / "group" / "space-MNI152NLin2009cAsym_desc-oracleFull_stat-r_statmap.nii.gz"
+    stale.parent.mkdir()
+    stale.write_bytes(b"mean of sub-01 and sub-02")
     assert bidsenc_main([str(root), str(copy), "group"]) == 0
+    assert not stale.exists() and (copy / "group" / "desc-models_summary.tsv").exists()
+    assert sorted(p.name for p in copy.iterdir() if p.name.startswith(".group")) == []  # no staging left
     log = "".join(p.read_text() for p in (copy / "logs").glob("*/bidsenc.log"))
     assert "skipping sub-02: 1 output file(s) missing" in log and "skipping sub-03: no complete outputs" in log
     models = pd.read_csv(copy / "group" / "desc-models_summary.tsv", sep="\t", dtype={"participant": str})
@@ -452,6 +458,39 @@ def test_group_maps_when_participants_share_a_template_space(written, tmp_path):
     logp = np.asarray(nib.load(tmp_path / "space-MNI152NLin2009cAsym_desc-oracleFull_stat-logp_statmap.nii.gz")
                       .dataobj)
     assert logp.max() == pytest.approx(np.log10(4), abs=1e-5) and row["n_significant"] == 0
+
+
+def test_group_maps_keep_apart_grids_that_share_a_template_name(written, tmp_path):
+    """One template name, two voxel sizes (fMRIPrep writes a template at each dataset's own resolution)."""
+    import dataclasses
+    import json
+
+    from bidsenc.report.group import group_maps
+
+    out, _ = written
+    fine = [read_participant(out, label) for label in ("01", "02")]
+    coarse = [read_participant(out, label) for label in ("01", "02")]
+    coarse = [dataclasses.replace(r, participant=f"1{r.participant}",
+                                  space=dataclasses.replace(r.space, affine=r.space.affine * [[2], [2], [2], [1]]))
+              for r in coarse]
+    for r in fine + coarse:
+        r.space.name = "MNI152NLin2009cAsym"
+    name = fine[0].models[1].name
+    for r in coarse:  # the coarse group's r is its own: minus the fine group's
+        r.models[1].stats[:] *= -1
+    maps, _, significance = group_maps(fine + coarse, tmp_path, n_permutations=100)
+    assert len(significance[significance["model"] == name]) == 2
+    labels = sorted({key[0] for key in maps})
+    assert len(labels) == 2 and all("MNI152NLin2009cAsym (res " in label for label in labels)
+    expected = np.mean([r.space.to_volume(r.full(r.model(name).stat("r"))) for r in fine], axis=0)
+    for res, sign, group in (("1", 1, fine), ("2", -1, coarse)):
+        base = tmp_path / f"space-MNI152NLin2009cAsym_res-{res}_desc-oracleFull_stat-r_statmap"
+        img = nib.load(f"{base}.nii.gz")
+        assert np.allclose(img.affine, group[0].space.affine)
+        assert np.allclose(np.asarray(img.dataobj), sign * expected, atol=1e-6)
+        voxel = " x ".join(f"{v:.3g}" for v in np.abs(np.diag(group[0].space.affine)[:3]))
+        assert json.loads(Path(f"{base}.json").read_text())["Resolution"].startswith(f"{voxel} mm voxels")
+    assert not list(tmp_path.glob("space-MNI152NLin2009cAsym_desc-*"))  # no unqualified name to overwrite
 
 
 def test_banded_ridge_outputs(demo, tmp_path):

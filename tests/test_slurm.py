@@ -6,7 +6,8 @@ the daemons or root the tests skip and say why. One cluster and one demo dataset
 test, in file order: the scripts of --dry-run are accepted by ``sbatch --test-only``; a first
 submission fails one participant (a BOLD cut to half its volumes) and its maps of the other
 equal a serial run's; a second has one job cancelled while it waits to write its outputs (the
-test holds a reader's lock); a third completes it, skipping the complete participant.
+test holds a reader's lock); a third completes it, skipping the complete participant. The
+commands --dry-run prints are run as a user would paste them, with a features job that fails.
 """
 
 from __future__ import annotations
@@ -260,9 +261,23 @@ def test_usage_errors_fail_before_submitting(demo, tmp_path):
     assert proc.returncode == 69 and "sbatch not found" in proc.stderr, proc.stderr
 
 
+def test_abbreviated_options_are_written_in_full(demo, tmp_path):
+    """bidsenc takes --participant-lab for --participant-label; each array task must still drop it."""
+    root, labels = demo
+    out = tmp_path / "out"
+    options = [o.replace("--participant-label", "--participant-lab") for o in _options(root, labels)]
+    _run([BIN / "bidsenc-slurm", str(root / "ds"), str(out), *options, "--dry-run"], cwd=root)
+    task = (out / "logs" / "slurm" / "participants.sbatch").read_text().splitlines()[-1]
+    assert task.count("--participant-label") == 1 and "--participant-lab " not in task
+    assert "--participant-label \"$label\" --config-file slurm.toml" in task
+    abbreviated = _run([BIN / "bidsenc-slurm", str(root / "ds"), str(out), *options, "--features-o", "--dry-run"],
+                       check=False, cwd=root)
+    assert abbreviated.returncode == 64 and "runs the features job itself" in abbreviated.stderr
+
+
 def test_dry_run_scripts_are_accepted(cluster, demo):
     root, labels = demo
-    out = root / "out-dry"
+    out = root / "out dry 100%"  # a space and a '%' in #SBATCH --output
     options = _options(root, labels)
     proc = _run([BIN / "bidsenc-slurm", str(root / "ds"), str(out), *options, "--dry-run", "--throttle", "1",
                  "--sbatch-option", "time=30:00", "--features-sbatch-option=--gres=gpu:1"], cwd=root)
@@ -280,6 +295,28 @@ def test_dry_run_scripts_are_accepted(cluster, demo):
     for name in ("features", "participants", "group"):
         check = _run(["sbatch", "--test-only", str(folder / f"{name}.sbatch")], cwd=root)
         assert "to start at" in check.stderr, check.stderr
+
+
+def test_printed_commands_submit_and_a_failed_features_job_cancels_the_array(cluster, demo):
+    """The commands --dry-run prints, run as a user would paste them, with a features job that fails."""
+    root, labels = demo
+    out = root / "out dry 100%"
+    proc = _run([BIN / "bidsenc-slurm", str(root / "ds"), str(out), *_options(root, labels), "--dry-run"], cwd=root)
+    folder = out / "logs" / "slurm"
+    features = folder / "features.sbatch"
+    features.write_text(re.sub(r"(?m)^exec .*$", "echo features failed; exit 3", features.read_text()))
+    submitted = _run(["bash", "-c", proc.stdout.split("submit them with: ", 1)[1]], cwd=root)
+    last = submitted.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"features=\d+ participants=\d+ group=\d+", last), submitted.stdout
+    jobs = dict(item.split("=") for item in last.split())
+    states = _wait(jobs, out, timeout=180)
+    assert states["features"] == {jobs["features"]: "FAILED"}, _logs(out)
+    assert set(states["participants"].values()) == {"CANCELLED"}, states  # not left pending for ever
+    assert not _task_logs(out, jobs["participants"])  # no participant ran
+    # the group ran after the cancelled array and says there was nothing to summarise
+    assert states["group"] == {jobs["group"]: "FAILED"}, _logs(out)
+    assert "no complete participant outputs" in (folder / f"group-{jobs['group']}.log").read_text()
+    assert (folder / f"features-{jobs['features']}.log").read_text().strip() == "features failed"
 
 
 @pytest.fixture(scope="module")

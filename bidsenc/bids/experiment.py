@@ -195,3 +195,28 @@ class Experiment:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+    def input_files(self) -> list[Path]:
+        """Every file the fit reads: responses (with masks and confounds), events, audio, word timings."""
+        files = []
+        for run in self.runs:
+            files += [*run.bold.paths, run.bold.mask, run.bold.confounds, run.events]
+        for story in self.stories.values():
+            files += [story.audio, story.words.source if story.words is not None else None]
+        return sorted({Path(f) for f in files if f is not None})
+
+    def inputs_fingerprint(self) -> str:
+        """A digest of what was found (runs, onsets, stories) and of each input file's size and change time.
+
+        Size and modification time, as make and rsync compare files: a BOLD file rewritten
+        by a new fMRIPrep run, an edited events.tsv or a new session changes it, without
+        reading gigabytes of data to tell.
+        """
+        digest = hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode())
+        for path in self.input_files():
+            try:
+                stat = path.stat()
+                digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+            except OSError:
+                digest.update(f"{path}\0missing\0".encode())
+        return digest.hexdigest()[:16]

@@ -159,12 +159,18 @@ def _plan(rest: list[str]) -> _Plan:
     # positional cannot be told apart without bidsenc's parser deciding for us.
     if len(rest) < 2 or rest[0].startswith("-") or rest[1].startswith("-"):
         raise UsageError("give BIDS_DIR and OUTPUT_DIR first, then the options (see bidsenc-slurm --help)")
-    bids_dir, output_dir, options = Path(rest[0]).absolute(), Path(rest[1]).absolute(), rest[2:]
+    bids_dir, output_dir = Path(rest[0]).absolute(), Path(rest[1]).absolute()
+    for path in (bids_dir, output_dir, Path.cwd()):
+        if any(c in str(path) for c in '"\n'):  # #SBATCH lines quote paths with double quotes
+            raise UsageError(f"{str(path)!r} holds a double quote or a line break, which batch scripts cannot "
+                             "quote; use a folder without them")
+    parser = bidsenc_parser()
+    options = _full_option_names(rest[2:], parser)
     if any(o == "--features-only" or o == "--reports-only" for o in options):
         raise UsageError("--features-only/--reports-only: bidsenc-slurm runs the features job itself; "
                          "run bidsenc directly for those")
     argv = [str(bids_dir), str(output_dir), "participant", *options]
-    bidsenc_parser().parse_args(argv)  # bidsenc's own message and exit code 64 for a typo
+    parser.parse_args(argv)  # bidsenc's own message and exit code 64 for a typo
     cfg = configure(argv)
     labels = select_participants(open_dataset(cfg), cfg)
     plan = _Plan(bids_dir, output_dir, options, labels, Path.cwd())
@@ -198,6 +204,25 @@ def _binds(cfg, plan: _Plan) -> list[tuple[Path, bool]]:
     return binds
 
 
+def _full_option_names(options: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """bidsenc's options with abbreviations written out (``--participant-lab`` -> ``--participant-label``).
+
+    bidsenc's parser takes unambiguous prefixes; the scripts must not, since each array
+    task drops ``--participant-label`` by its full name to give its own. An unknown or
+    ambiguous prefix is left as it is for bidsenc's parser to refuse.
+    """
+    names = [o for o in parser._option_string_actions if o.startswith("--")]  # argparse's table of option names
+    full = []
+    for token in options:
+        name, equals, value = token.partition("=")
+        if token.startswith("--") and name != "--" and name not in names:
+            matches = [n for n in names if n.startswith(name)]
+            if len(matches) == 1:
+                token = matches[0] + equals + value
+        full.append(token)
+    return full
+
+
 def _option_value(options: list[str], name: str) -> str | None:
     """The value of a single-valued option (last one wins, as in argparse)."""
     value = None
@@ -228,6 +253,11 @@ def _without_labels(options: list[str]) -> list[str]:
 def _sbatch_lines(args: list[str]) -> list[str]:
     """#SBATCH lines, one per option given; 'time=1:00:00' is taken for '--time=1:00:00'."""
     return [f"#SBATCH {a if a.startswith('-') else '--' + a}" for a in args]
+
+
+def _sbatch_value(text: str) -> str:
+    """A value of an #SBATCH line in double quotes: sbatch splits these lines at spaces."""
+    return f'"{text}"'
 
 
 def _bidsenc_command(plan: _Plan, ns) -> str:
@@ -266,19 +296,23 @@ def _write_scripts(folder: Path, plan: _Plan, ns) -> dict[str, Path]:
     def header(name: str, log: str, extra: list[str]) -> list[str]:
         # sbatch reads #SBATCH lines only up to the first command
         return ["#!/bin/bash", f"# {name}: written by bidsenc-slurm; submit with sbatch",
-                f"#SBATCH --job-name=bidsenc-{name}", f"#SBATCH --output={folder / log}",
-                f"#SBATCH --chdir={plan.cwd}", *_sbatch_lines(ns.sbatch_all + extra),
+                f"#SBATCH --job-name=bidsenc-{name}",
+                # --output is a file-name pattern (%j the job id): a '%' of the folder's name is doubled
+                f"#SBATCH --output={_sbatch_value(str(folder).replace('%', '%%') + '/' + log)}",
+                f"#SBATCH --chdir={_sbatch_value(str(plan.cwd))}", *_sbatch_lines(ns.sbatch_all + extra),
                 "set -euo pipefail"]
 
     scripts = {
         "features": header("features", "features-%j.log", ns.sbatch_features) + [
             "# every story of the selected participants, once, into the shared feature cache",
             f"exec {bidsenc} {positional} participant --features-only {options}".rstrip()],
+        # a features job that failed can never let the array start: cancel it rather than leave it
+        # pending for ever (the group job, after the array ended either way, then says so)
         "participants": header("participants", "participant-%A_%a.log",
-                               [f"--array={array}", *ns.sbatch_participants]) + [
+                               [f"--array={array}", "--kill-on-invalid-dep=yes", *ns.sbatch_participants]) + [
             f"label=$(sed -n \"${{SLURM_ARRAY_TASK_ID}}p\" {q(str(labels_file))})",
-            f'if [[ -z "$label" ]]; then echo "no participant on line $SLURM_ARRAY_TASK_ID of '
-            f'{labels_file}" >&2; exit 66; fi',
+            f'if [[ -z "$label" ]]; then echo "no participant on line $SLURM_ARRAY_TASK_ID of "'
+            f'{q(str(labels_file))} >&2; exit 66; fi',
             'echo "bidsenc-slurm: participant sub-$label (array task $SLURM_ARRAY_TASK_ID)"',
             f'exec {bidsenc} {positional} participant --participant-label "$label" {per_task}'.rstrip()],
         "group": header("group", "group-%j.log", ns.sbatch_group) + [
@@ -295,9 +329,12 @@ def _write_scripts(folder: Path, plan: _Plan, ns) -> dict[str, Path]:
 
 
 def _submit_commands(scripts: dict[str, Path]) -> str:
-    return (f"f=$(sbatch --parsable {scripts['features']}) && "
-            f"p=$(sbatch --parsable --dependency=afterok:$f {scripts['participants']}) && "
-            f"sbatch --parsable --dependency=afterany:$p {scripts['group']}")
+    """The shell commands that submit the scripts as bidsenc-slurm does, ending with its last line."""
+    q = {name: shlex.quote(str(path)) for name, path in scripts.items()}
+    return (f"f=$(sbatch --parsable {q['features']}) && "
+            f"p=$(sbatch --parsable --dependency=afterok:$f {q['participants']}) && "
+            f"g=$(sbatch --parsable --dependency=afterany:$p {q['group']}) && "
+            'echo "features=$f participants=$p group=$g"')
 
 
 def _sbatch(args: list[str]) -> str:

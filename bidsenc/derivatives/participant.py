@@ -188,7 +188,8 @@ def _write_and_swap(result: ParticipantResult, experiment, cfg, prefix: str, fin
                   "Columns": _SUMMARY_COLUMNS, "CeilingThreshold": cfg.outputs.ceiling_threshold,
                   "GeneratedBy": {"Name": "bidsenc", "Version": __version__}, "Participant": label,
                   "Prefix": prefix, "Models": {m.name: writer.labels[m.name] for m in result.models},
-                  "Settings": cfg.results_fingerprint(), "Files": sorted(writer.files)}
+                  "Settings": cfg.results_fingerprint(), "Inputs": experiment.inputs_fingerprint(),
+                  "Files": sorted(writer.files)}
         atomic_write_text(staging / f"{prefix}{MARKER_SUFFIX}", json.dumps(marker, indent=2) + "\n")
         _swap_in(staging, final, prefix)
     finally:
@@ -503,13 +504,14 @@ def _markers(sub: Path) -> list[Path]:
     return sorted(sub.glob(f"func/*{MARKER_SUFFIX}")) + sorted(sub.glob(f"ses-*/func/*{MARKER_SUFFIX}"))
 
 
-def complete_outputs(output_dir: Path, label: str, settings: str) -> Path | None:
+def complete_outputs(output_dir: Path, label: str, settings: str, inputs: str | None = None) -> Path | None:
     """The folder of the participant's outputs when they are complete and would be written again as they are.
 
     Complete: one analysis whose marker lists files that all exist, written by this
-    bidsenc version with the same settings (``RunConfig.results_fingerprint``). Anything
-    else (none, several analyses, another version or settings, a file missing) is None:
-    the participant is computed again.
+    bidsenc version with the same settings (``RunConfig.results_fingerprint``) and, when
+    ``inputs`` is given, from the same input files (``Experiment.inputs_fingerprint``).
+    Anything else (none, several analyses, another version, settings or inputs, a file
+    missing) is None: the participant is computed again.
     """
     sub = output_dir / f"sub-{label}"
     markers = _markers(sub)
@@ -520,6 +522,8 @@ def complete_outputs(output_dir: Path, label: str, settings: str) -> Path | None
     except (OSError, ValueError):
         return None
     if marker.get("GeneratedBy", {}).get("Version") != __version__ or marker.get("Settings") != settings:
+        return None
+    if inputs is not None and marker.get("Inputs") != inputs:
         return None
     folder = markers[0].parent
     if not all((folder / f).is_file() for f in marker.get("Files", [])):

@@ -247,16 +247,16 @@ def fdr_bh(pvalues, q: float = 0.05, return_qvalues: bool = False):
     return (discoveries, qvalues.reshape(p.shape)) if return_qvalues else discoveries
 
 
-def sign_flip_test(values, n_permutations: int = 1000, seed: int = 0, chunk: int = 4096):
+def sign_flip_test(values, n_permutations: int = 1000, seed: int = 0, chunk: int | None = None):
     """One-sample test across participants that each column's mean is above 0, by sign flips.
 
     Under the null, each participant's value (an r, say) is as likely positive as
     negative, so flipping signs at random gives the null distribution of the
     statistic: the one-sample t (studentized, so that columns of different spread are
     compared fairly). Every one of the ``2**n`` sign patterns is used once when there are
-    no more than ``n_permutations`` of them (the exact test; with n participants the
+    no more than ``n_permutations + 1`` of them (the exact test; with n participants the
     smallest p-value is then ``2**-n``), else ``n_permutations`` random patterns plus
-    the observed one.
+    the observed one: ``2**n`` patterns are used if and only if the test is exact.
 
     Parameters
     ----------
@@ -266,8 +266,9 @@ def sign_flip_test(values, n_permutations: int = 1000, seed: int = 0, chunk: int
         Most sign patterns drawn.
     seed : int
         Seed of the random patterns.
-    chunk : int
-        Columns tested at once (memory: ``n_permutations x chunk`` floats).
+    chunk : int, optional
+        Columns tested at once; by default as many as keep each of the few
+        ``patterns x chunk`` work arrays near 32 MB.
 
     Returns
     -------
@@ -283,12 +284,13 @@ def sign_flip_test(values, n_permutations: int = 1000, seed: int = 0, chunk: int
     n = x.shape[0]
     if n < 2:
         raise ValueError("a sign-flip test needs two participants or more")
-    if 2 ** n <= n_permutations:
+    if 2 ** n <= n_permutations + 1:
         bits = (np.arange(2 ** n)[:, None] >> np.arange(n)) & 1
         signs = 1.0 - 2.0 * bits  # row 0: every sign +1, the observed data
     else:
         rng = np.random.default_rng(seed)
         signs = np.vstack([np.ones(n), rng.choice([-1.0, 1.0], size=(n_permutations, n))])
+    chunk = chunk or max(1, 2 ** 22 // len(signs))
     t = np.zeros(x.shape[1])
     counts = np.zeros(x.shape[1])
     for start in range(0, x.shape[1], chunk):

@@ -15,6 +15,8 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -60,22 +62,39 @@ def run_group(cfg) -> Path:
         log.warning("the participants' summaries used a ceiling threshold of %s; the group tables recompute every "
                     "ceiling-based score with %g", ", ".join(f"{t:g}" for t in used), threshold)
     tables = group_tables(results, atlas, threshold)
-    group_dir = out / "group"
-    group_dir.mkdir(parents=True, exist_ok=True)
-    for name, frame in tables.items():
-        atomic_write_text(group_dir / f"desc-{name}_summary.tsv",
-                          frame.to_csv(sep="\t", index=False, float_format="%.6g", na_rep="n/a"))
-    maps, map_notes, significance = group_maps(results, group_dir, n_permutations=cfg.models.n_permutations,
-                                               q=cfg.models.fdr_q, seed=cfg.execution.random_seed)
-    if len(significance):
-        atomic_write_text(group_dir / "desc-groupmaps_summary.tsv",
-                          significance.to_csv(sep="\t", index=False, float_format="%.6g", na_rep="n/a"))
+    # group/ is rebuilt whole beside the old one and swapped in, so that no map or table of an
+    # earlier run (a participant or model since dropped) survives next to this run's
+    staging = out / f".group.build-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        for name, frame in tables.items():
+            atomic_write_text(staging / f"desc-{name}_summary.tsv",
+                              frame.to_csv(sep="\t", index=False, float_format="%.6g", na_rep="n/a"))
+        maps, map_notes, significance = group_maps(results, staging, n_permutations=cfg.models.n_permutations,
+                                                   q=cfg.models.fdr_q, seed=cfg.execution.random_seed)
+        if len(significance):
+            atomic_write_text(staging / "desc-groupmaps_summary.tsv",
+                              significance.to_csv(sep="\t", index=False, float_format="%.6g", na_rep="n/a"))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _replace_folder(staging, out / "group")
     report = out / "group.html"
     atomic_write_text(report, page(f"bidsenc group report: {len(results)} participants",
                                    _sections(results, tables, maps, (map_notes, significance), skipped, atlas,
                                              threshold)))
     log.info("group report: %s (%d participants, %d skipped)", report, len(results), len(skipped))
     return report
+
+
+def _replace_folder(new: Path, final: Path) -> None:
+    """Put the finished folder ``new`` in the place of ``final`` (moved aside, then removed)."""
+    aside = final.parent / f".{final.name}.old-{os.getpid()}"
+    if final.exists():
+        os.rename(final, aside)
+    os.rename(new, final)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _known_participants(cfg) -> list[str]:
@@ -283,19 +302,23 @@ def group_maps(results, group_dir: Path, *, n_permutations: int = 1000, q: float
     groups: dict[tuple, list] = {}
     for r in results:
         groups.setdefault(_grid(r.space), []).append(r)
-    out, notes, rows = {}, [], []
+    out, notes, rows, mapped = {}, [], [], []
     for members in groups.values():
         first = members[0].space
         who = ", ".join(f"sub-{r.participant}" for r in members)
         if first.kind == "index" or first.name in NATIVE_SPACES:
             notes.append(f"{who}: in {'their' if len(members) > 1 else 'its'} own native spaces, no group map "
                          "(region-level and whole-brain summaries only).")
-            continue
-        label = _space_label(first)
-        if len(members) < 2:
-            notes.append(f"{who}: the only participant in {label}, no group map there.")
-            continue
+        elif len(members) < 2:
+            notes.append(f"{who}: the only participant in {_space_label(first)}, no group map there.")
+        else:
+            mapped.append(members)
+    for members, (entities, label, grid_info) in zip(mapped, _map_names([m[0].space for m in mapped]), strict=True):
+        who = ", ".join(f"sub-{r.participant}" for r in members)
         space, on_grid = _shared_grid(members)
+
+        def write(model, stat, values, description, entities=entities, space=space, grid_info=grid_info):
+            _write_group_map(group_dir, entities, space, model, stat, values, description, grid_info)
         models = [m.name for m in members[0].models if all(any(x.name == m.name for x in r.models) for r in members)]
         for model in models:
             r_maps = [on_grid(r, r.model(model).score_r) for r in members]
@@ -306,9 +329,8 @@ def group_maps(results, group_dir: Path, *, n_permutations: int = 1000, q: float
                 total, n = np.sum([v for v, _ in pairs], axis=0), np.sum([f for _, f in pairs], axis=0)
                 mean = np.where(n > 0, total / np.maximum(n, 1), 0.0).astype(np.float32)
                 out[(label, model, stat)] = (space, mean)
-                _write_group_map(group_dir, space, model, stat, mean, f"mean over the {len(members)} participants "
-                                 f"fitted at each {_unit(space)} of their held-out {stat} (the best layer's with a "
-                                 "test story, the nested score without one)")
+                write(model, stat, mean, f"mean over the {len(members)} participants fitted at each {_unit(space)} of "
+                      f"their held-out {stat} (the best layer's with a test story, the nested score without one)")
             common = np.logical_and.reduce([f > 0 for _, f in r_maps])
             t = np.zeros(space.n_voxels, np.float32)
             logp = np.zeros(space.n_voxels, np.float32)
@@ -326,7 +348,7 @@ def group_maps(results, group_dir: Path, *, n_permutations: int = 1000, q: float
             for stat, values, text in (("t", t, how), ("logp", logp, "-log10 p of the " + how),
                                        ("fdr", significant, f"1 where FDR q={q:g} (Benjamini-Hochberg over the "
                                                             f"tested {_unit(space)}s) is met by the " + how)):
-                _write_group_map(group_dir, space, model, stat, values, text)
+                write(model, stat, values, text)
             out[(label, model, "fdr")] = (space, np.where(significant > 0, out[(label, model, "r")][1], 0.0))
             rows.append({"space": label, "model": model, "n_participants": len(members),
                          "n_tested": int(common.sum()), "n_sign_patterns": n_patterns,
@@ -337,6 +359,45 @@ def group_maps(results, group_dir: Path, *, n_permutations: int = 1000, q: float
                      f"the participants fitted there, and a sign-flip test of r > 0 across participants with FDR "
                      f"q={q:g}.")
     return out, notes, pd.DataFrame(rows)
+
+
+def _map_names(spaces) -> list[tuple[str, str, dict]]:
+    """BIDS entities, a label and sidecar fields for the maps of each group, told apart where names are shared.
+
+    Participants in one template space but on different grids (a template written at each
+    site's own voxel size, fsaverage at two densities) form separate groups: a ``den``
+    entity (meshes, from their size) or a ``res`` entity (volumes and grayordinates, with
+    a ``Resolution`` sidecar field saying what it is) keeps their maps apart.
+    """
+    from ..derivatives.naming import bids_label
+
+    def entities(space, res=None, den=None):
+        den = den or space.density
+        return (f"space-{bids_label(space.name)}" + (f"_res-{res}" if res else "")
+                + (f"_den-{bids_label(den)}" if den else ""))
+
+    plain = [entities(s) for s in spaces]
+    names = []
+    for i, space in enumerate(spaces):
+        shared = [j for j, other in enumerate(plain) if other == plain[i]]
+        if len(shared) == 1:
+            names.append((plain[i], _space_label(space), {}))
+            continue
+        sizes = [f"{round(spaces[j].n_vertices[0] / 1000)}k" if spaces[j].kind == "surface" else None for j in shared]
+        if None not in sizes and len(set(sizes)) == len(sizes):  # meshes of different sizes: fMRIPrep's den
+            den = sizes[shared.index(i)]
+            names.append((entities(space, den=den), f"{space.name} (den {den})",
+                          {"Density": f"{space.n_vertices[0]} vertices per hemisphere"}))
+            continue
+        k = shared.index(i) + 1
+        if space.kind == "volume":
+            voxel = np.sqrt((np.asarray(space.affine)[:3, :3] ** 2).sum(0))
+            what = (f"{' x '.join(f'{v:.3g}' for v in voxel)} mm voxels, grid "
+                    f"{' x '.join(str(n) for n in space.mask.shape)}")
+        else:
+            what = f"set {k} of {len(shared)} of {space.name} participants' {_unit(space)}s ({space.n_voxels})"
+        names.append((entities(space, res=k), f"{_space_label(space)} (res {k}: {what})", {"Resolution": what}))
+    return names
 
 
 def _space_label(space) -> str:
@@ -378,12 +439,12 @@ def _grid(space):
     return ("index", space.name, space.n_voxels)
 
 
-def _write_group_map(group_dir: Path, space, model: str, stat: str, values: np.ndarray, description: str) -> None:
+def _write_group_map(group_dir: Path, entities: str, space, model: str, stat: str, values: np.ndarray,
+                     description: str, grid_info: dict) -> None:
     from ..derivatives.naming import bids_label
 
-    entities = f"space-{bids_label(space.name)}" + (f"_den-{bids_label(space.density)}" if space.density else "")
     base = f"{entities}_desc-{bids_label(model)}_stat-{stat}_statmap"
-    sidecar = {"Description": description, "Model": model, "Statistic": stat}
+    sidecar = {"Description": description, "Model": model, "Statistic": stat, **grid_info}
     if space.kind == "volume":
         import nibabel as nib
 
