@@ -94,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only compute the features of every story (e.g. one GPU job before participant jobs)")
     g.add_argument("--force", action="store_true",
                    help="recompute participants whose outputs are complete (by default a participant written by "
-                        "this version with the same settings is skipped, so that a resubmitted job does only what "
-                        "is left)")
+                        "this version with the same settings from the same input files is skipped, so that a "
+                        "resubmitted job does only what is left)")
     g.add_argument("--allow-download", action="store_true",
                    help="let models be downloaded from the Hugging Face hub (off: local files only)")
     g.add_argument("--model-dir", type=Path, metavar="DIR",
