@@ -63,16 +63,12 @@ def _complete_already(cfg: RunConfig, dataset: Dataset, label: str) -> bool:
     """Whether the participant's outputs are complete, from this version, settings and input files."""
     from .derivatives import complete_outputs
 
-    out, settings = cfg.inputs.output_dir, cfg.results_fingerprint()
-    if complete_outputs(out, label, settings) is None:
-        return False
     try:
-        inputs = discover(dataset, cfg, label).inputs_fingerprint()
+        done = complete_outputs(cfg.inputs.output_dir, label, cfg.results_fingerprint(),
+                                inputs=lambda: discover(dataset, cfg, label).inputs_fingerprint())
     except BidsencError:  # the run that follows says what is wrong
         return False
-    done = complete_outputs(out, label, settings, inputs)
     if done is None:
-        log.info("sub-%s: its input files changed since its outputs were written: computed again", label)
         return False
     log.info("sub-%s: outputs complete in %s (this version, same settings and input files): skipped; --force "
              "recomputes them", label, done)

@@ -504,12 +504,13 @@ def _markers(sub: Path) -> list[Path]:
     return sorted(sub.glob(f"func/*{MARKER_SUFFIX}")) + sorted(sub.glob(f"ses-*/func/*{MARKER_SUFFIX}"))
 
 
-def complete_outputs(output_dir: Path, label: str, settings: str, inputs: str | None = None) -> Path | None:
+def complete_outputs(output_dir: Path, label: str, settings: str, inputs=None) -> Path | None:
     """The folder of the participant's outputs when they are complete and would be written again as they are.
 
     Complete: one analysis whose marker lists files that all exist, written by this
     bidsenc version with the same settings (``RunConfig.results_fingerprint``) and, when
-    ``inputs`` is given, from the same input files (``Experiment.inputs_fingerprint``).
+    ``inputs`` is given, from the same input files: ``inputs()`` returns their digest
+    (``Experiment.inputs_fingerprint``), called only once version and settings agree.
     Anything else (none, several analyses, another version, settings or inputs, a file
     missing) is None: the participant is computed again.
     """
@@ -523,7 +524,8 @@ def complete_outputs(output_dir: Path, label: str, settings: str, inputs: str | 
         return None
     if marker.get("GeneratedBy", {}).get("Version") != __version__ or marker.get("Settings") != settings:
         return None
-    if inputs is not None and marker.get("Inputs") != inputs:
+    if inputs is not None and marker.get("Inputs") != inputs():
+        log.info("sub-%s: its input files changed since its outputs were written: computed again", label)
         return None
     folder = markers[0].parent
     if not all((folder / f).is_file() for f in marker.get("Files", [])):

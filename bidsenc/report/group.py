@@ -316,9 +316,6 @@ def group_maps(results, group_dir: Path, *, n_permutations: int = 1000, q: float
     for members, (entities, label, grid_info) in zip(mapped, _map_names([m[0].space for m in mapped]), strict=True):
         who = ", ".join(f"sub-{r.participant}" for r in members)
         space, on_grid = _shared_grid(members)
-
-        def write(model, stat, values, description, entities=entities, space=space, grid_info=grid_info):
-            _write_group_map(group_dir, entities, space, model, stat, values, description, grid_info)
         models = [m.name for m in members[0].models if all(any(x.name == m.name for x in r.models) for r in members)]
         for model in models:
             r_maps = [on_grid(r, r.model(model).score_r) for r in members]
@@ -329,8 +326,9 @@ def group_maps(results, group_dir: Path, *, n_permutations: int = 1000, q: float
                 total, n = np.sum([v for v, _ in pairs], axis=0), np.sum([f for _, f in pairs], axis=0)
                 mean = np.where(n > 0, total / np.maximum(n, 1), 0.0).astype(np.float32)
                 out[(label, model, stat)] = (space, mean)
-                write(model, stat, mean, f"mean over the {len(members)} participants fitted at each {_unit(space)} of "
-                      f"their held-out {stat} (the best layer's with a test story, the nested score without one)")
+                _write_group_map(group_dir, entities, space, model, stat, mean, grid_info,
+                                 f"mean over the {len(members)} participants fitted at each {_unit(space)} of their "
+                                 f"held-out {stat} (the best layer's with a test story, the nested score without one)")
             common = np.logical_and.reduce([f > 0 for _, f in r_maps])
             t = np.zeros(space.n_voxels, np.float32)
             logp = np.zeros(space.n_voxels, np.float32)
@@ -348,7 +346,7 @@ def group_maps(results, group_dir: Path, *, n_permutations: int = 1000, q: float
             for stat, values, text in (("t", t, how), ("logp", logp, "-log10 p of the " + how),
                                        ("fdr", significant, f"1 where FDR q={q:g} (Benjamini-Hochberg over the "
                                                             f"tested {_unit(space)}s) is met by the " + how)):
-                write(model, stat, values, text)
+                _write_group_map(group_dir, entities, space, model, stat, values, grid_info, text)
             out[(label, model, "fdr")] = (space, np.where(significant > 0, out[(label, model, "r")][1], 0.0))
             rows.append({"space": label, "model": model, "n_participants": len(members),
                          "n_tested": int(common.sum()), "n_sign_patterns": n_patterns,
@@ -440,7 +438,8 @@ def _grid(space):
 
 
 def _write_group_map(group_dir: Path, entities: str, space, model: str, stat: str, values: np.ndarray,
-                     description: str, grid_info: dict) -> None:
+                     grid_info: dict, description: str) -> None:
+    """One group map named ``<entities>_desc-<model>_stat-<stat>_statmap`` and its sidecar."""
     from ..derivatives.naming import bids_label
 
     base = f"{entities}_desc-{bids_label(model)}_stat-{stat}_statmap"
